@@ -1,0 +1,24 @@
+"""Continuous Deep Equilibrium Models (infinite-time Neural ODEs) for torchdyn."""
+from ._initializers import (Initializer, InputInitializer, SkipInitializer, SkipRegInitializer,
+                            ZerosInitializer)
+from ._linear_solvers import GMRES, DirectSolver, FixedPointSolver, LinearSolveInfo, LinearSolver
+from ._models import DEQ, DEQVectorField, InfiniteTimeNeuralODE
+from ._regularizers import JacobianPenalty, spectral_radius
+from ._root_solvers import AndersonAcceleration, BroydenSolver, FixedPointIteration, RootSolver
+from ._sensitivity import AutogradSensitivity, Sensitivity, SteadyStateSensitivity
+from ._solution import ConvergenceError, ConvergenceWarning, NonFiniteError, SteadyStateSolution
+from ._steady_state import ODESteadyStateSolver, SteadyStateSolver, scaled_residual
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InfiniteTimeNeuralODE", "DEQ", "DEQVectorField",
+    "SteadyStateSolver", "ODESteadyStateSolver", "RootSolver", "FixedPointIteration",
+    "AndersonAcceleration", "BroydenSolver", "scaled_residual",
+    "Sensitivity", "SteadyStateSensitivity", "AutogradSensitivity",
+    "LinearSolver", "GMRES", "FixedPointSolver", "DirectSolver", "LinearSolveInfo",
+    "Initializer", "ZerosInitializer", "InputInitializer", "SkipInitializer", "SkipRegInitializer",
+    "JacobianPenalty", "spectral_radius",
+    "SteadyStateSolution", "ConvergenceWarning", "ConvergenceError", "NonFiniteError",
+    "__version__",
+]

@@ -1,0 +1,199 @@
+"""Matrix-free linear solvers for the implicit backward pass.
+
+Each solver solves ``A w = b`` for a batch of independent systems: ``b`` has shape
+``(batch, n)`` and ``matvec(w)`` applies the block-diagonal operator ``A`` to every sample
+at once (one vector-Jacobian product). Convergence is judged per sample:
+``||b_i - A w_i|| <= max(atol, rtol * ||b_i||)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+MatVec = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class LinearSolveInfo:
+    """Iterations (matvecs) used, worst relative residual reached, and whether all samples converged."""
+
+    iters: int
+    residual: float
+    converged: bool
+
+
+def _check_positive(name: str, value, allow_zero: bool = False) -> None:
+    if not isinstance(value, (int, float)) or value != value or (value < 0 if allow_zero else value <= 0):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+
+def _norm(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=1)
+
+
+class LinearSolver:
+    """Base class: ``solve(matvec, b, x0=None) -> (w, LinearSolveInfo)`` on ``(batch, n)`` tensors."""
+
+    def __init__(self, rtol: float, atol: float, max_iters: int):
+        _check_positive("rtol", rtol, allow_zero=True)
+        _check_positive("atol", atol, allow_zero=True)
+        if not isinstance(max_iters, int) or max_iters < 1:
+            raise ValueError(f"max_iters must be a positive integer, got {max_iters!r}")
+        self.rtol, self.atol, self.max_iters = float(rtol), float(atol), max_iters
+
+    def _targets(self, b: Tensor) -> tuple[Tensor, Tensor]:
+        bnorm = _norm(b)
+        return bnorm, torch.clamp(self.rtol * bnorm, min=self.atol)
+
+    @staticmethod
+    def _info(iters: int, r: Tensor, bnorm: Tensor, tol: Tensor) -> LinearSolveInfo:
+        rnorm = _norm(r)
+        rel = (rnorm / torch.clamp(bnorm, min=torch.finfo(bnorm.dtype).tiny)).max()
+        return LinearSolveInfo(iters, float(rel) if rel.numel() else 0.0, bool((rnorm <= tol).all()))
+
+    def solve(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({opts})"
+
+
+class GMRES(LinearSolver):
+    """Restarted GMRES(m), batched over samples.
+
+    Arnoldi with classical Gram-Schmidt applied twice (two batched matmuls per iteration)
+    and Givens rotations, so the residual norm of every sample is known after each
+    matvec without forming the iterate. Iterates until every sample satisfies
+    ``||b - A w|| <= max(atol, rtol ||b||)`` or ``max_iters`` matvecs were spent.
+
+    Args:
+        rtol: relative tolerance. Default ``1e-5``: far below the forward solve's error,
+            so the gradient error is set by the forward tolerance, and cheap (a
+            contractive DEQ needs 5-15 iterations).
+        atol: absolute tolerance, for cotangents that are exactly zero. Default ``1e-10``.
+        restart: Krylov subspace size before a restart. Default ``20``.
+        max_iters: total matvecs allowed. Default ``200``.
+    """
+
+    def __init__(self, rtol: float = 1e-5, atol: float = 1e-10, restart: int = 20, max_iters: int = 200):
+        super().__init__(rtol, atol, max_iters)
+        if not isinstance(restart, int) or restart < 1:
+            raise ValueError(f"restart must be a positive integer, got {restart!r}")
+        self.restart = restart
+
+    def solve(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None):
+        bnorm, tol = self._targets(b)
+        x = torch.zeros_like(b) if x0 is None else x0.clone()
+        r = b if x0 is None else b - matvec(x)
+        iters = int(x0 is not None)
+        tiny = torch.finfo(b.dtype).tiny
+        while True:
+            beta = _norm(r)
+            if bool((beta <= tol).all()) or iters >= self.max_iters:
+                break
+            m = min(self.restart, self.max_iters - iters)
+            basis = torch.empty(b.shape[0], m + 1, b.shape[1], dtype=b.dtype, device=b.device)
+            basis[:, 0] = r / torch.clamp(beta, min=tiny)[:, None]
+            R = torch.zeros(b.shape[0], m, m, dtype=b.dtype, device=b.device)
+            cs = torch.zeros(b.shape[0], m, dtype=b.dtype, device=b.device)
+            sn = torch.zeros_like(cs)
+            g = torch.zeros(b.shape[0], m + 1, dtype=b.dtype, device=b.device)
+            g[:, 0] = beta
+            k = 0
+            for j in range(m):
+                w = matvec(basis[:, j])
+                iters += 1
+                V = basis[:, : j + 1]
+                h = torch.bmm(V, w[:, :, None])[..., 0]
+                w = w - torch.bmm(h[:, None, :], V)[:, 0]
+                h2 = torch.bmm(V, w[:, :, None])[..., 0]  # second pass keeps the basis orthogonal
+                w = w - torch.bmm(h2[:, None, :], V)[:, 0]
+                h = h + h2
+                hn = _norm(w)
+                basis[:, j + 1] = w / torch.clamp(hn, min=tiny)[:, None]
+                for i in range(j):  # earlier rotations on the new column
+                    hi, hi1 = h[:, i].clone(), h[:, i + 1].clone()
+                    h[:, i] = cs[:, i] * hi + sn[:, i] * hi1
+                    h[:, i + 1] = -sn[:, i] * hi + cs[:, i] * hi1
+                denom = torch.sqrt(h[:, j] ** 2 + hn**2)
+                safe = denom > tiny
+                cs[:, j] = torch.where(safe, h[:, j] / torch.where(safe, denom, 1.0), 1.0)
+                sn[:, j] = torch.where(safe, hn / torch.where(safe, denom, 1.0), 0.0)
+                h[:, j] = denom
+                R[:, : j + 1, j] = h[:, : j + 1]
+                g[:, j + 1] = -sn[:, j] * g[:, j]
+                g[:, j] = cs[:, j] * g[:, j]
+                k = j + 1
+                if bool((g[:, j + 1].abs() <= tol).all()):
+                    break
+            Rk = R[:, :k, :k]
+            diag = torch.diagonal(Rk, dim1=1, dim2=2)
+            # a zero pivot only occurs after an exact breakdown, where the matching g entry is 0
+            Rk = Rk + torch.diag_embed(torch.where(diag.abs() > tiny, 0.0, 1.0))
+            y = torch.linalg.solve_triangular(Rk, g[:, :k, None], upper=True)[..., 0]
+            x = x + torch.bmm(y[:, None, :], basis[:, :k])[:, 0]
+            r = b - matvec(x)
+            iters += 1
+        return x, self._info(iters, r, bnorm, tol)
+
+
+class FixedPointSolver(LinearSolver):
+    """Richardson / Neumann-series iteration ``w <- w + (b - A w)``.
+
+    For a DEQ, ``A = I - J_f^T`` and this is the truncated Neumann series
+    ``w = sum_k (J_f^T)^k b``: it converges when the spectral radius of ``J_f`` is below 1,
+    at a linear rate, one matvec per iteration.
+
+    Args:
+        rtol: relative tolerance. Default ``1e-5``.
+        atol: absolute tolerance. Default ``1e-10``.
+        max_iters: matvecs allowed. Default ``200``.
+    """
+
+    def __init__(self, rtol: float = 1e-5, atol: float = 1e-10, max_iters: int = 200):
+        super().__init__(rtol, atol, max_iters)
+
+    def solve(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None):
+        bnorm, tol = self._targets(b)
+        x = torch.zeros_like(b) if x0 is None else x0.clone()
+        r = b if x0 is None else b - matvec(x)
+        iters = int(x0 is not None)
+        while iters < self.max_iters and not bool((_norm(r) <= tol).all()):
+            x = x + r
+            r = b - matvec(x)
+            iters += 1
+        return x, self._info(iters, r, bnorm, tol)
+
+
+class DirectSolver(LinearSolver):
+    """Dense solve: builds each sample's ``n x n`` matrix with ``n`` matvecs, then
+    ``torch.linalg.solve``. Exact up to round-off; for small states and for tests.
+
+    Args:
+        max_size: refuse states larger than this (the matrix costs ``n`` matvecs and
+            ``batch * n^2`` memory). Default ``4096``.
+    """
+
+    def __init__(self, max_size: int = 4096):
+        super().__init__(0.0, 0.0, 1)
+        self.max_size = max_size
+
+    def solve(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None):
+        batch, n = b.shape
+        if n > self.max_size:
+            raise ValueError(
+                f"DirectSolver builds a dense {n}x{n} matrix per sample, above max_size={self.max_size}; "
+                "use GMRES() for large states"
+            )
+        eye = torch.eye(n, dtype=b.dtype, device=b.device)
+        cols = [matvec(eye[i].expand(batch, n).contiguous()) for i in range(n)]
+        A = torch.stack(cols, dim=2)
+        x = torch.linalg.solve(A, b)
+        r = b - torch.bmm(A, x[:, :, None])[..., 0]
+        bnorm = _norm(b)
+        tol = torch.clamp(1e3 * torch.finfo(b.dtype).eps * bnorm, min=torch.finfo(b.dtype).tiny)
+        return x, self._info(n, r, bnorm, tol)

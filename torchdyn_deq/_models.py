@@ -1,0 +1,243 @@
+"""InfiniteTimeNeuralODE (a torchdyn NeuralODE solved to t = infinity) and the DEQ form."""
+from __future__ import annotations
+
+import contextlib
+import io
+from inspect import getfullargspec
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torchdyn.core import NeuralODE
+from torchdyn.core.defunc import DEFuncBase
+
+from ._initializers import Initializer
+from ._regularizers import JacobianPenalty
+from ._registry import make_initializer, make_sensitivity, make_solver
+from ._sensitivity import Sensitivity
+from ._solution import SteadyStateSolution, check_failure_mode, report_failure
+from ._steady_state import SteadyStateSolver
+
+
+def _check_tolerance(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+    return float(value)
+
+
+def _standardize(vector_field):
+    """torchdyn's call-signature wrapping, without its print."""
+    target = vector_field.forward if isinstance(vector_field, nn.Module) else vector_field
+    if "t" not in getfullargspec(target).args:
+        return DEFuncBase(vector_field, has_time_arg=False)
+    return vector_field
+
+
+class InfiniteTimeNeuralODE(NeuralODE):
+    """A torchdyn ``NeuralODE`` integrated from ``t = 0`` to ``t = infinity``.
+
+    Integrates ``dz/dt = vector_field(t, z)`` with an adaptive solver and stops once every
+    sample of the batch is at a steady state,
+
+        rms( dz/dt / (atol + rtol |z|) ) <= 1        (per sample, Hairer RMS norm),
+
+    then differentiates through the steady state implicitly (:class:`SteadyStateSensitivity`):
+    no backpropagation through the solver steps. Same constructor keywords, vector fields,
+    ``(t_eval, sol)`` return and Lightning use as ``NeuralODE``; ``sol[-1]`` is the steady
+    state, ``sol[0]`` the start, ``t_eval = [t0, t_reached]``. The last solve's
+    :class:`SteadyStateSolution` is ``model.solution``.
+
+    Args:
+        vector_field: ``forward(t, x, args=None)`` or ``forward(x)``; torchdyn's ``DataControl``
+            injection works, and the injected input receives its true gradient.
+        solver: ``'tsit5'`` (default), ``'dopri5'``, fixed-step ``'euler'``/``'midpoint'``/``'rk4'``
+            (step 1.0), the discrete ``'anderson'``/``'broyden'``/``'fixed_point'``, a torchdyn
+            stepper instance, or a :class:`SteadyStateSolver`.
+        atol, rtol: steady-state tolerances. Default ``1e-3`` each (``NeuralODE``'s).
+        sensitivity: ``'steady_state'`` (default, implicit), ``'autograd'`` (backprop through
+            the solver), or a :class:`Sensitivity` instance.
+        atol_adjoint, rtol_adjoint: tolerances of the backward GMRES solve when
+            ``sensitivity='steady_state'``. Default ``1e-10`` and ``1e-5``.
+        return_t_eval: return ``(t_eval, sol)`` (default) or ``sol`` alone.
+        initializer: starting state: ``'input'`` (default: ``z0 = x`` as in ``NeuralODE``),
+            ``'zeros'``, ``'skip_reg'``, or an :class:`Initializer` such as ``SkipInitializer``.
+        state_shape: per-sample state shape when it differs from the input's (zeros / Skip
+            initializers). Default: the input's.
+        max_steps: bound on solver steps (accepted + rejected) or iterations. Default ``100``.
+        on_failure: ``'warn'`` (default) or ``'raise'`` when a solve does not converge.
+        jacobian_penalty: a :class:`JacobianPenalty`, computed in training. Default ``None``.
+
+    ``order > 1``, ``solver_adjoint``, ``interpolator``, ``integral_loss``, ``seminorm`` and
+    ``save_at`` belong to finite-time integration and are refused with an error.
+    """
+
+    def __init__(self, vector_field: Union[Callable, nn.Module], solver: Union[str, nn.Module, SteadyStateSolver] = "tsit5",
+                 order: int = 1, atol: float = 1e-3, rtol: float = 1e-3,
+                 sensitivity: Union[str, Sensitivity] = "steady_state", solver_adjoint=None,
+                 atol_adjoint: float = 1e-10, rtol_adjoint: float = 1e-5, interpolator=None, integral_loss=None,
+                 seminorm: bool = False, return_t_eval: bool = True, optimizable_params: Sequence = (), *,
+                 initializer: Union[str, Initializer] = "input", state_shape: Optional[Tuple[int, ...]] = None,
+                 max_steps: int = 100, on_failure: str = "warn", jacobian_penalty: Optional[JacobianPenalty] = None):
+        for name, value, default in (("order", order, 1), ("solver_adjoint", solver_adjoint, None),
+                                     ("interpolator", interpolator, None), ("integral_loss", integral_loss, None),
+                                     ("seminorm", seminorm, False)):
+            if value != default:
+                raise ValueError(f"{name}={value!r} is not supported by InfiniteTimeNeuralODE: it belongs to "
+                                 "finite-time integration; the steady state needs none of it")
+        atol, rtol = _check_tolerance("atol", atol), _check_tolerance("rtol", rtol)
+        if atol == 0 and rtol == 0:
+            raise ValueError("atol and rtol are both 0: no steady state can satisfy a zero tolerance")
+        if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+        if jacobian_penalty is not None and not isinstance(jacobian_penalty, JacobianPenalty):
+            raise TypeError(f"jacobian_penalty must be a JacobianPenalty or None, got {jacobian_penalty!r}")
+        on_failure = check_failure_mode(on_failure)
+        steady_solver = make_solver(solver)
+        sens = make_sensitivity(sensitivity, _check_tolerance("rtol_adjoint", rtol_adjoint),
+                                _check_tolerance("atol_adjoint", atol_adjoint), on_failure)
+        init = make_initializer(initializer)
+        with contextlib.redirect_stdout(io.StringIO()):  # torchdyn prints about parameter-less fields
+            super().__init__(_standardize(vector_field), solver=steady_solver, atol=atol, rtol=rtol,
+                             sensitivity=sens, atol_adjoint=atol_adjoint, rtol_adjoint=rtol_adjoint,
+                             return_t_eval=return_t_eval, optimizable_params=optimizable_params)
+        self.initializer = init
+        self.state_shape = None if state_shape is None else tuple(int(s) for s in state_shape)
+        self.max_steps, self.on_failure, self.jacobian_penalty = max_steps, on_failure, jacobian_penalty
+        self.solution: Optional[SteadyStateSolution] = None
+
+    # ---------------------------------------------------------------- torchdyn interface
+    def _prep_integration(self, x: Tensor, t_span: Optional[Tensor]):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"the input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"the input needs a non-empty batch dimension, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"the input must be a floating-point tensor, got dtype {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("the input contains NaN or inf values")
+        if t_span is None:
+            t_span = self.t_span if self.t_span is not None else torch.zeros(1)
+        t_span = torch.as_tensor(t_span, dtype=x.dtype, device=x.device).reshape(-1)
+        for _, module in self.vf.named_modules():
+            if hasattr(module, "_control"):  # torchdyn DataControl and DEQVectorField: keep the graph
+                self.controlled = True
+                module._control = x
+        return x, t_span
+
+    def forward(self, x: Tensor, t_span: Optional[Tensor] = None, save_at: Sequence = (), args: Optional[dict] = None):
+        """Solve to the steady state. ``t_span`` is accepted for ``NeuralODE`` compatibility:
+        only its first entry (the start time) is used."""
+        if len(save_at):
+            raise ValueError("save_at is not supported: the solve runs to a steady state, not to fixed times")
+        x, t_span = self._prep_integration(x, t_span)
+        sol = self._solve(x, {} if args is None else args)
+        t_eval = torch.stack([t_span[0], t_span[0] + sol.t])
+        trajectory = torch.stack([sol.z0.to(sol.z_star.dtype), sol.z_star])
+        return (t_eval, trajectory) if self.return_t_eval else trajectory
+
+    def trajectory(self, x: Tensor, t_span: Optional[Tensor] = None) -> Tensor:
+        """The states at ``[t0, t_reached]``: ``[z0, z*]``."""
+        x, t_span = self._prep_integration(x, t_span)
+        sol = self._solve(x, {})
+        return torch.stack([sol.z0, sol.z_star])
+
+    # ---------------------------------------------------------------- the solve
+    def _vector_field(self, args: dict) -> Callable[[Tensor, Tensor], Tensor]:
+        def g(t: Tensor, z: Tensor) -> Tensor:
+            dz = self.vf(t, z, args)
+            if not isinstance(dz, Tensor) or dz.shape != z.shape:
+                shape = tuple(dz.shape) if isinstance(dz, Tensor) else type(dz).__name__
+                raise ValueError(f"the vector field returned {shape} for a state of shape {tuple(z.shape)}; "
+                                 "dz/dt must have the state's shape")
+            if dz.dtype != z.dtype:
+                raise TypeError(f"the vector field returned dtype {dz.dtype} for a state of dtype {z.dtype}")
+            return dz
+        return g
+
+    def _solve(self, x: Tensor, args: dict) -> SteadyStateSolution:
+        g = self._vector_field(args)
+        state_shape = self.state_shape or tuple(x.shape[1:])
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        z0 = self.initializer(x, g, state_shape)
+        implicit = self.sensitivity.implicit or not needs_grad
+        if implicit:
+            with torch.no_grad():
+                sol = self.solver.solve(g, z0.detach(), self.atol, self.rtol, self.max_steps)
+        else:
+            sol = self.solver.solve(g, z0, self.atol, self.rtol, self.max_steps)
+        sol.z0 = z0
+        if not sol.converged:
+            self._report(sol)
+        has_aux = self.jacobian_penalty is not None or type(self.initializer).aux_loss is not Initializer.aux_loss
+        if needs_grad and (implicit or has_aux):
+            z_leaf = sol.z_star.detach().requires_grad_()
+            with torch.enable_grad():
+                gz = g(torch.as_tensor(sol.t, dtype=x.dtype, device=x.device), z_leaf)
+                if implicit:
+                    sol.z_star = self.sensitivity.attach(gz, z_leaf, sol)
+                sol.skip_loss = self.initializer.aux_loss(z_leaf.detach() + gz, z0)
+                if self.jacobian_penalty is not None:
+                    sol.jacobian_loss = self.jacobian_penalty(gz, z_leaf)
+        self.solution = sol
+        return sol
+
+    def _report(self, sol: SteadyStateSolution) -> None:
+        open_ = int((sol.residual > 1).sum())
+        where = f"t={sol.t:.4g}" if self.solver.continuous else f"{int(sol.t)} iterations"
+        report_failure(
+            f"no steady state within max_steps={self.max_steps} ({sol.reason}, {where}, {sol.nfe} NFE): "
+            f"worst scaled residual {float(sol.residual.max()):.3g} (1 = tolerance atol={self.atol:g}, "
+            f"rtol={self.rtol:g}), {open_} of {sol.residual.numel()} samples unconverged. Raise max_steps, loosen "
+            "atol/rtol, or add Jacobian regularization",
+            self.on_failure,
+        )
+
+    def aux_loss(self) -> Tensor:
+        """The weighted auxiliary losses of the last solve (Skip / Skip Reg., Jacobian penalty)."""
+        if self.solution is None:
+            raise RuntimeError("aux_loss() is available after a forward pass")
+        return self.solution.aux_loss
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.parameters())
+        return (f"{type(self).__name__}(solver={self.solver!r}, atol={self.atol}, rtol={self.rtol}, "
+                f"sensitivity={self.sensitivity!r}, initializer={type(self.initializer).__name__}, "
+                f"max_steps={self.max_steps}, parameters={n}, nfe={int(self.vf.nfe)})")
+
+
+class DEQVectorField(nn.Module):
+    """``g(z) = f(z, x) - z``: the continuous DEQ's vector field. The model injects ``x``
+    (the ``_control`` attribute, as torchdyn's ``DataControl``) before each solve."""
+
+    def __init__(self, f: Callable[[Tensor, Tensor], Tensor]):
+        super().__init__()
+        self.f = f
+        self._control: Optional[Tensor] = None
+
+    def forward(self, t: Tensor, z: Tensor, args=None) -> Tensor:
+        return self.f(z, self._control) - z
+
+
+class DEQ(InfiniteTimeNeuralODE):
+    """The Deep Equilibrium Model ``z* = f(z*, x)`` in one line.
+
+    Continuous (the paper's infinite-time Neural ODE ``dz/dt = f(z, x) - z``) with an ODE
+    solver, discrete with a root solver (``solver='anderson'`` / ``'broyden'`` /
+    ``'fixed_point'``); the same sensitivity, initializers and solution record either way.
+    ``forward(x)`` takes the injected input ``x``; the state starts at ``z0 = 0``.
+
+    Args:
+        f: the layer, called ``f(z, x)``, returning a tensor shaped like ``z``.
+        initializer: default ``'zeros'``; ``'skip_reg'`` or ``SkipInitializer(predictor)``
+            for the Skip variants.
+        All other keywords as :class:`InfiniteTimeNeuralODE`.
+    """
+
+    def __init__(self, f: Callable[[Tensor, Tensor], Tensor], solver="tsit5", *, initializer="zeros", **kwargs):
+        super().__init__(DEQVectorField(f), solver=solver, initializer=initializer, **kwargs)
+
+    @property
+    def f(self):
+        """The layer ``f(z, x)``."""
+        return self.vf.vf.f

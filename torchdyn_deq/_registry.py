@@ -1,0 +1,69 @@
+"""The names accepted at the torchdyn boundary, turned into objects once."""
+from __future__ import annotations
+
+from typing import Union
+
+import torch.nn as nn
+from torchdyn.numerics.solvers.ode import SOLVER_DICT, str_to_solver
+
+from ._initializers import Initializer, InputInitializer, SkipRegInitializer, ZerosInitializer
+from ._linear_solvers import GMRES
+from ._root_solvers import AndersonAcceleration, BroydenSolver, FixedPointIteration
+from ._sensitivity import AutogradSensitivity, Sensitivity, SteadyStateSensitivity
+from ._steady_state import ODESteadyStateSolver, SteadyStateSolver
+
+ODE_SOLVERS = ("tsit5", "dopri5", "euler", "midpoint", "rk4")
+ROOT_SOLVERS = {"fixed_point": FixedPointIteration, "anderson": AndersonAcceleration, "broyden": BroydenSolver}
+SENSITIVITIES = ("steady_state", "autograd")
+INITIALIZERS = {"zeros": ZerosInitializer, "input": InputInitializer, "skip_reg": SkipRegInitializer}
+
+
+def _names(options) -> str:
+    return ", ".join(repr(n) for n in options)
+
+
+def make_solver(solver: Union[str, nn.Module, SteadyStateSolver], **ode_options) -> SteadyStateSolver:
+    """A solver name, a torchdyn stepper instance or a :class:`SteadyStateSolver`."""
+    if isinstance(solver, SteadyStateSolver):
+        return solver
+    if isinstance(solver, str):
+        if solver in ROOT_SOLVERS:
+            return ROOT_SOLVERS[solver]()
+        if solver in ODE_SOLVERS or (solver in SOLVER_DICT and solver not in _UNSUPPORTED_TORCHDYN):
+            return ODESteadyStateSolver(str_to_solver(solver), **ode_options)
+        raise ValueError(
+            f"unknown solver {solver!r}; continuous (ODE) solvers: {_names(ODE_SOLVERS)}; "
+            f"discrete (root) solvers: {_names(ROOT_SOLVERS)}; or pass a torchdyn stepper or SteadyStateSolver instance"
+        )
+    if isinstance(solver, nn.Module) and hasattr(solver, "step"):
+        return ODESteadyStateSolver(solver, **ode_options)
+    raise TypeError(f"solver must be a name, a torchdyn stepper or a SteadyStateSolver, got {solver!r}")
+
+
+# implicit Euler minimises with LBFGS at every step; the leapfrog splits the state in two
+_UNSUPPORTED_TORCHDYN = ("ieuler", "implicit_euler", "alf", "AsynchronousLeapfrog")
+
+
+def make_sensitivity(sensitivity: Union[str, Sensitivity], rtol_adjoint: float, atol_adjoint: float,
+                     on_failure: str) -> Sensitivity:
+    """``'steady_state'`` (GMRES at the adjoint tolerances), ``'autograd'``, or an instance."""
+    if isinstance(sensitivity, Sensitivity):
+        return sensitivity
+    if sensitivity == "steady_state":
+        return SteadyStateSensitivity(GMRES(rtol=rtol_adjoint, atol=atol_adjoint), on_failure=on_failure)
+    if sensitivity == "autograd":
+        return AutogradSensitivity()
+    hint = ""
+    if sensitivity in ("adjoint", "interpolated_adjoint"):
+        hint = " (a backsolve from t = infinity has no meaning; the steady-state VJP replaces it)"
+    raise ValueError(f"unknown sensitivity {sensitivity!r}{hint}; valid: {_names(SENSITIVITIES)} or a Sensitivity instance")
+
+
+def make_initializer(initializer: Union[str, Initializer]) -> Initializer:
+    """``'zeros'``, ``'input'``, ``'skip_reg'``, or an :class:`Initializer` (``SkipInitializer(predictor)``)."""
+    if isinstance(initializer, Initializer):
+        return initializer
+    if initializer in INITIALIZERS:
+        return INITIALIZERS[initializer]()
+    hint = " (a Skip DEQ needs its predictor: pass SkipInitializer(predictor))" if initializer == "skip" else ""
+    raise ValueError(f"unknown initializer {initializer!r}{hint}; valid: {_names(INITIALIZERS)} or an Initializer instance")

@@ -1,0 +1,109 @@
+"""How gradients reach the parameters and the input through the steady state."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._linear_solvers import GMRES, LinearSolver
+from ._solution import SteadyStateSolution, check_failure_mode, report_failure
+
+
+class Sensitivity:
+    """Base class. ``implicit`` sensitivities run the forward solve without autograd and
+    attach gradients at the steady state; the others backpropagate through the solve."""
+
+    implicit: bool = False
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({opts})"
+
+
+class AutogradSensitivity(Sensitivity):
+    """Backpropagation through every solver step (``sensitivity='autograd'``).
+
+    Exact gradients of the computed solution, memory growing with the number of steps.
+    Useful as a reference for the implicit gradients; slower for training.
+    """
+
+
+class SteadyStateSensitivity(Sensitivity):
+    """Implicit differentiation at the steady state (``sensitivity='steady_state'``).
+
+    At a steady state ``g(z*, x, theta) = 0``; differentiating gives, for a cotangent ``v``
+    of ``z*``,
+
+        (dg/dz)^T w = -v,     grad_theta = w^T dg/dtheta,     grad_x = w^T dg/dx.
+
+    For a DEQ, ``g = f - z`` and the system is ``(I - J_f^T) w = v`` (paper, section 2.2).
+    It is solved matrix-free by ``linear_solver``, each iteration one vector-Jacobian product
+    of ``g`` at ``z*``; the parameter and input gradients are then one more VJP. Memory
+    does not depend on the number of forward steps: only one evaluation of ``g`` at ``z*``
+    is kept for the backward pass.
+
+    Args:
+        linear_solver: a :class:`LinearSolver`. Default ``GMRES()`` (restarted GMRES,
+            ``rtol=1e-5``): it converges on any non-singular system, which the
+            Neumann series does not.
+        on_failure: ``'warn'`` (default) or ``'raise'`` when the linear solve does not reach
+            its tolerance within its iteration budget.
+    """
+
+    implicit = True
+
+    def __init__(self, linear_solver: Optional[LinearSolver] = None, on_failure: str = "warn"):
+        if linear_solver is None:
+            linear_solver = GMRES()
+        if not isinstance(linear_solver, LinearSolver):
+            raise TypeError(f"linear_solver must be a LinearSolver (GMRES, FixedPointSolver, DirectSolver), got {linear_solver!r}")
+        self.linear_solver = linear_solver
+        self.on_failure = check_failure_mode(on_failure)
+
+    def attach(self, gz: Tensor, z_leaf: Tensor, record: SteadyStateSolution) -> Tensor:
+        """Return a tensor equal to ``z_leaf`` whose backward pass is the implicit solve.
+
+        ``gz = g(z_leaf)`` must have been computed with autograd enabled, ``z_leaf`` a
+        detached copy of the steady state that requires grad.
+        """
+        return _ImplicitBackward.apply(gz, z_leaf.detach(), self, z_leaf, record)
+
+    def solve_adjoint(self, gz: Tensor, z_leaf: Tensor, v: Tensor, record: SteadyStateSolution) -> Tensor:
+        """Solve ``(dg/dz)^T w = -v`` at the steady state; returns ``w`` shaped like ``v``."""
+        batch, shape = v.shape[0], v.shape
+
+        def matvec(u: Tensor) -> Tensor:
+            (vjp,) = torch.autograd.grad(gz, z_leaf, u.view(shape), retain_graph=True, allow_unused=True)
+            if vjp is None:
+                return torch.zeros_like(u)
+            return -vjp.reshape(batch, -1)
+
+        w, info = self.linear_solver.solve(matvec, v.reshape(batch, -1))
+        record.backward_iters, record.backward_residual = info.iters, info.residual
+        if not info.converged:
+            report_failure(
+                f"the implicit backward linear solve ({self.linear_solver!r}) stopped after {info.iters} "
+                f"iterations at relative residual {info.residual:.3g}: gradients are inaccurate. Raise "
+                "max_iters, loosen rtol, solve the forward pass more tightly, or add Jacobian regularization",
+                self.on_failure,
+            )
+        return w.view(shape)
+
+
+class _ImplicitBackward(torch.autograd.Function):
+    """Identity on ``z*`` in the forward pass; in the backward pass it turns the cotangent
+    ``v`` of ``z*`` into ``w`` and sends it into ``g(z*)``, whose own graph then carries
+    ``w^T dg/dtheta`` and ``w^T dg/dx`` to the parameters and the input."""
+
+    @staticmethod
+    def forward(ctx, gz, z_star, sensitivity, z_leaf, record):
+        ctx.gz, ctx.z_leaf, ctx.sensitivity, ctx.record = gz, z_leaf, sensitivity, record
+        return z_star.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, v):
+        w = ctx.sensitivity.solve_adjoint(ctx.gz, ctx.z_leaf, v, ctx.record)
+        return w, None, None, None, None
