@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Union
 
 import torch.nn as nn
-from torchdyn.numerics.solvers.ode import SOLVER_DICT, str_to_solver
+from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
 from ._initializers import Initializer, InputInitializer, SkipRegInitializer, ZerosInitializer
 from ._linear_solvers import GMRES
@@ -30,7 +30,7 @@ def make_solver(solver: Union[str, nn.Module, SteadyStateSolver], **ode_options)
         if solver in ROOT_SOLVERS:
             return ROOT_SOLVERS[solver]()
         if solver in ODE_SOLVERS or (solver in SOLVER_DICT and solver not in _UNSUPPORTED_TORCHDYN):
-            return ODESteadyStateSolver(str_to_solver(solver), **ode_options)
+            return ODESteadyStateSolver(solver, **ode_options)
         raise ValueError(
             f"unknown solver {solver!r}; continuous (ODE) solvers: {_names(ODE_SOLVERS)}; "
             f"discrete (root) solvers: {_names(ROOT_SOLVERS)}; or pass a torchdyn stepper or SteadyStateSolver instance"

