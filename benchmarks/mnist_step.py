@@ -234,7 +234,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 NOTES = """\
 - Medians over the measured steps; `x` columns: time / the NeuralODE (adjoint) baseline's time (lower is better).
-- fwd: forward pass with the loss (DEQ auxiliary losses included); bwd: `loss.backward()`; step: fwd + bwd + Adam update.
+- fwd: forward pass with the loss (DEQ auxiliary losses included); bwd: `loss.backward()`;
+  step: fwd + bwd + Adam update.
 - predict: no-grad forward of a test batch in eval mode.
 - fwd f-evals: evaluations of f(z, x) in the training forward pass, counted on f itself. For this package's DEQs it is
   `solution.nfe` + 1 (the evaluation at z* that the implicit backward differentiates), + 1 for skip_reg (its start
@@ -267,7 +268,8 @@ def write_results(rows: List[dict], info: dict, command: str, args: argparse.Nam
     info["load_average_1min_at_end"] = os.getloadavg()[0]
     (args.out_dir / "mnist_step.json").write_text(json.dumps(
         {"command": command, "machine": info, "setup": setup, "wall_time_s": elapsed, "rows": rows}, indent=2))
-    versions = ", ".join(f"{k} {info[k]}" for k in ("torch", "torchdyn", "torchdeq", "pytorch_lightning", "torchdyn_deq"))
+    libraries = ("torch", "torchdyn", "torchdeq", "pytorch_lightning", "torchdyn_deq")
+    versions = ", ".join(f"{k} {info[k]}" for k in libraries)
     (args.out_dir / "mnist_step.md").write_text(
         f"# MNIST training step, batch {BATCH}\n\n`{command}`\n\n"
         f"{info['platform']}, {info['cpu_count']} CPUs, torch threads {info['torch_threads']}, "

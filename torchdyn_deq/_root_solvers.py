@@ -19,7 +19,10 @@ class RootSolver(SteadyStateSolver):
         stall_patience: stop (``reason='stalled'``) after this many iterations without a
             1% improvement of any unconverged sample's best residual. Default ``30``.
         divergence_factor: stop (``reason='diverged'``) when every unconverged sample's
-            residual exceeds its best by this factor. Default ``1e4``.
+            residual exceeds its best by this factor, or when any sample's iterate grows
+            beyond this factor times ``1 + ||z0|| + ||f(z0)||`` (a secant update fed by
+            round-off can throw the iterate to where ``z + c - z == 0`` in floating point).
+            Default ``1e4``.
     """
 
     continuous = False
@@ -47,12 +50,16 @@ class RootSolver(SteadyStateSolver):
         progress = _Progress(batch, z0.device)
         res = residual_of(z, gz)
         best_z, best_res = z, res
+        bound = self.divergence_factor * (1 + torch.linalg.vector_norm(z, dim=1) + torch.linalg.vector_norm(z + gz, dim=1))
         iters, stall, reason = 0, 0, "max_steps"
         if progress.update(res, g.n, "at the starting state"):
             reason = "converged"
         else:
             for z, gz in self.iterate(g_flat, z, gz, max_steps):
                 iters += 1
+                if bool((torch.linalg.vector_norm(z.detach(), dim=1) > bound).any()):
+                    reason = "diverged"
+                    break
                 res = residual_of(z, gz)
                 progress.update(res, g.n, f"at iteration {iters}")
                 better = res < best_res

@@ -363,7 +363,8 @@ def _positive(kind: type) -> Callable[[str], float]:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
-        prog="torchdyn-deq-mnist", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[-1].replace("``", ""),
+        prog="torchdyn-deq-mnist", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[-1].replace("``", ""),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--variants", type=_choice_list(DEQ_VARIANTS), default=",".join(DEQ_VARIANTS),
                         help="DEQ variants, comma-separated: vanilla (z0 = 0), skip (z0 = predictor(x)), "
@@ -413,7 +414,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def selected_variants(args: argparse.Namespace) -> List[Variant]:
     """The variants to train, in table order, the Neural ODE baseline first."""
     rows = [Variant("neural_ode")] if args.baseline else []
-    rows += [Variant(name, form, jac == "yes") for name in args.variants for form in args.forms for jac in args.jacobian]
+    rows += [Variant(name, form, jac == "yes")
+             for name in args.variants for form in args.forms for jac in args.jacobian]
     return rows
 
 
