@@ -155,7 +155,8 @@ class BroydenSolver(RootSolver):
 
     Keeps the inverse Jacobian estimate ``B = -I + U V^T`` of rank at most ``memory``
     (no dense matrix, unlike torchdyn's Broyden) and updates it with Sherman-Morrison;
-    the oldest pair is dropped when memory is full.
+    when memory is full the estimate restarts from ``-I`` (dropping only the oldest pair
+    diverged on a rotation-like linear contraction in our tests).
 
     Args:
         memory: rank of the low-rank correction. Default ``20``.
@@ -188,8 +189,10 @@ class BroydenSolver(RootSolver):
             denom = (vt * dg).sum(dim=1, keepdim=True)
             ok = denom.abs() > 1e3 * tiny
             u = torch.where(ok, (step - apply_B(dg)) / torch.where(ok, denom, 1.0), 0.0)
-            U = torch.cat([U, u[:, None]], dim=1)[:, -self.memory :]
-            Vt = torch.cat([Vt, vt[:, None]], dim=1)[:, -self.memory :]
+            if U.shape[1] == self.memory:  # restart: dropping only the oldest pair can diverge
+                U, Vt = U[:, :0], Vt[:, :0]
+            U = torch.cat([U, u[:, None]], dim=1)
+            Vt = torch.cat([Vt, vt[:, None]], dim=1)
             z, gz = z_new, g_new
             step = -apply_B(gz)
             yield z, gz

@@ -169,7 +169,7 @@ class MNISTNet(nn.Module):
 
     def aux_loss(self) -> Tensor:
         """The DEQ's weighted Skip / Jacobian losses of the last forward pass (0 otherwise)."""
-        return self.solution.aux_loss if self.solution is not None else torch.zeros(())
+        return self.solution.aux_loss if self.solution is not None else self.classifier.weight.new_zeros(())
 
     def forward_nfe(self) -> int:
         """NFE of the last forward solve."""
@@ -288,7 +288,7 @@ def table_row(row: dict) -> List[str]:
     """The cells of one result row, formatted as in the paper's Table 1."""
     return [row["model"], "yes" if row["form"] == "continuous" else "no", "yes" if row["jacobian"] else "no",
             f"{row['params'] / 1000:.1f}K", f"{row['test_accuracy']:.2f}", f"{row['test_nfe']:.2f}",
-            f"{row['train_time_s']:.1f}", f"{row['predict_time_s']:.4f}"]
+            f"{row['train_time_s']:.2f}", f"{row['predict_time_s']:.4f}"]
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
