@@ -37,7 +37,7 @@ def test_skip_loss_trains_the_predictor_and_f():
     z = model(x)[1][-1]
     sol = model.solution
     torch.testing.assert_close(sol.z0, predictor(x))
-    expected = 0.5 * (layer(z.detach(), x) - predictor(x)).abs().mean()
+    expected = 0.5 * (layer(z.detach(), x) - predictor(x)).abs().sum(1).mean()
     torch.testing.assert_close(sol.skip_loss, expected)
     torch.testing.assert_close(sol.aux_loss, expected)
     g_pred = torch.autograd.grad(sol.aux_loss, list(predictor.parameters()), retain_graph=True)
@@ -55,7 +55,7 @@ def test_skip_reg_starts_at_first_iterate_and_regularizes_f():
     z = model(x)[1][-1]
     f0 = layer(torch.zeros(5, 6, dtype=torch.float64), x)
     torch.testing.assert_close(model.solution.z0, f0)
-    torch.testing.assert_close(model.solution.skip_loss, 0.01 * (layer(z.detach(), x) - f0).abs().mean())
+    torch.testing.assert_close(model.solution.skip_loss, 0.01 * (layer(z.detach(), x) - f0).abs().sum(1).mean())
     assert torch.autograd.grad(model.solution.skip_loss, layer.W)[0].abs().sum() > 0
 
 
@@ -188,7 +188,7 @@ def test_skip_variants_cut_nfe_on_embedded_mnist():
                 "skip": td.SkipInitializer(nn.Sequential(nn.Linear(128, 128), nn.Tanh()))}[variant]
         deq = td.DEQ(f, initializer=init, atol=5e-3, rtol=5e-3)
         opt = torch.optim.Adam([*down.parameters(), *deq.parameters(), *cls.parameters()], lr=1e-3)
-        for epoch in range(2):
+        for epoch in range(3):
             for i in range(0, 1280, 32):
                 z = deq(down(X[i : i + 32]))[1][-1]
                 loss = nn.functional.cross_entropy(cls(z), y[i : i + 32]) + deq.solution.aux_loss
@@ -198,5 +198,5 @@ def test_skip_variants_cut_nfe_on_embedded_mnist():
         with torch.no_grad():
             nfes = [deq(down(X[i : i + 32])) and deq.solution.nfe for i in range(1280, 1600, 32)]
         test_nfe[variant] = float(np.mean(nfes))
-    assert test_nfe["skip"] < 0.8 * test_nfe["vanilla"], test_nfe
-    assert test_nfe["skip_reg"] < 0.8 * test_nfe["vanilla"], test_nfe
+    assert test_nfe["skip"] < 0.85 * test_nfe["vanilla"], test_nfe
+    assert test_nfe["skip_reg"] < 0.7 * test_nfe["vanilla"], test_nfe

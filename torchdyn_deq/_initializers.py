@@ -55,8 +55,10 @@ class _SkipLoss(Initializer):
         self.weight = float(weight)
 
     def aux_loss(self, f_star, z0):
-        """``weight * mean |f(z*, x) - z0|`` (the paper's L_skip with a mean absolute error)."""
-        return self.weight * (f_star - z0).abs().mean()
+        """The paper's ``L_skip = weight * ||f(z*, x) - z0||_1``: the L1 norm of each sample,
+        averaged over the batch. (A mean over features instead is ``d`` times weaker: on the
+        MNIST model it cut Skip Reg.'s NFE by 10% where the norm cuts it by half.)"""
+        return self.weight * (f_star - z0).abs().flatten(1).sum(1).mean()
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}"
@@ -65,7 +67,7 @@ class _SkipLoss(Initializer):
 class SkipInitializer(_SkipLoss):
     """Skip DEQ: an explicit network predicts the start, ``z0 = predictor(x)``.
 
-    Trained jointly through ``weight * mean |f(z*, x) - predictor(x)|``.
+    Trained jointly through ``weight * ||f(z*, x) - predictor(x)||_1`` (batch mean).
 
     Args:
         predictor: module mapping the input ``x`` to a state-shaped tensor.
@@ -85,7 +87,7 @@ class SkipInitializer(_SkipLoss):
 
 class SkipRegInitializer(_SkipLoss):
     """Skip Reg. DEQ: no extra network; the start is the layer's first iterate
-    ``z0 = f(0, x) = g(0)`` and the loss ``weight * mean |f(z*, x) - f(0, x)|`` teaches ``f``
+    ``z0 = f(0, x) = g(0)`` and the loss ``weight * ||f(z*, x) - f(0, x)||_1`` teaches ``f``
     to reach its steady state in one step. Costs one vector-field evaluation.
 
     Args:
