@@ -15,6 +15,7 @@ Results: ``benchmarks/results/mnist_step.{json,md}`` (or ``--out-dir``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -30,6 +31,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torchdyn_deq as td
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -45,7 +47,8 @@ Batch = Tuple[Tensor, Tensor]
 
 class TorchDEQLayer(nn.Module):
     """torchdeq's DEQ around ``f``: Anderson acceleration forward, implicit differentiation
-    (``ift=True``) with Anderson on the backward linear system. Tolerances are relative
+    (``ift=True``) with Broyden on the backward fixed point (Anderson there stalls at its
+    iteration cap on this model after a few dozen training steps). Tolerances are relative
     (``||f(z) - z|| / ||f(z)||``), the closest match to this package's discrete criterion.
     Returns ``(None, z*[None])`` (torchdyn's ``(t_eval, trajectory)`` shape for MNISTNet)."""
 
@@ -53,7 +56,7 @@ class TorchDEQLayer(nn.Module):
         super().__init__()
         self.f = f
         self.deq = get_deq(core="indexing", ift=True, f_solver="anderson", f_max_iter=max_iter, f_tol=tol,
-                           f_stop_mode="rel", b_solver="anderson", b_max_iter=max_iter, b_tol=backward_tol,
+                           f_stop_mode="rel", b_solver="broyden", b_max_iter=max_iter, b_tol=backward_tol,
                            b_stop_mode="rel")
         self.backward_iters: Optional[int] = None
 
@@ -93,7 +96,7 @@ def method_builders(tol: float) -> Dict[str, Tuple[Callable[[nn.Module], nn.Modu
                                             "GMRES iters"),
         BASELINE: (lambda f: NeuralODELayer(f, sensitivity="adjoint", tol=tol), "adjoint NFE"),
         "NeuralODE (autograd)": (lambda f: NeuralODELayer(f, sensitivity="autograd", tol=tol), "n/a (backprop)"),
-        "torchdeq DEQ (anderson, IFT)": (lambda f: TorchDEQLayer(f, tol), "Anderson iters"),
+        "torchdeq DEQ (anderson, IFT)": (lambda f: TorchDEQLayer(f, tol), "Broyden iters"),
     }
 
 
@@ -126,24 +129,43 @@ def backward_count(method: Method) -> Optional[float]:
     return layer.backward_nfe() if layer.ode.sensalg == "adjoint" else None
 
 
+@contextlib.contextmanager
+def convergence_warnings() -> Iterator[List[warnings.WarningMessage]]:
+    """Collect this package's ConvergenceWarnings (to count them); re-emit any other warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", td.ConvergenceWarning)
+        converged: List[warnings.WarningMessage] = []
+        yield converged
+    for warning in caught:
+        if issubclass(warning.category, td.ConvergenceWarning):
+            converged.append(warning)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
 def train_step(method: Method, batch: Batch) -> Dict[str, float]:
-    """One timed training step: forward (with loss), backward, optimizer update."""
+    """One timed training step: forward (with loss), backward, optimizer update; plus the
+    NFE, backward iterations and unconverged forward / backward solves."""
     pixels, labels = batch
     method.net.train()
     method.optimizer.zero_grad(set_to_none=True)
     calls = method.f.calls
-    start = time.perf_counter()
-    loss = F.cross_entropy(method.net(pixels), labels) + method.net.aux_loss()
-    after_forward = time.perf_counter()
+    with convergence_warnings() as forward_warnings:
+        start = time.perf_counter()
+        loss = F.cross_entropy(method.net(pixels), labels) + method.net.aux_loss()
+        after_forward = time.perf_counter()
     forward_calls = method.f.calls - calls
-    loss.backward()
-    after_backward = time.perf_counter()
+    with convergence_warnings() as backward_warnings:
+        before_backward = time.perf_counter()
+        loss.backward()
+        after_backward = time.perf_counter()
     method.optimizer.step()
     end = time.perf_counter()
     bwd = backward_count(method)
-    return {"forward_s": after_forward - start, "backward_s": after_backward - after_forward,
+    return {"forward_s": after_forward - start, "backward_s": after_backward - before_backward,
             "step_s": end - start, "forward_f_evals": forward_calls,
-            "backward_count": float("nan") if bwd is None else bwd}
+            "backward_count": float("nan") if bwd is None else bwd,
+            "unconverged_forward": len(forward_warnings), "unconverged_backward": len(backward_warnings)}
 
 
 def saved_activation_bytes(method: Method, batch: Batch) -> int:
@@ -206,6 +228,8 @@ def summarize(method: Method) -> dict:
         "forward_f_evals": median("forward_f_evals"),
         "backward_count": None if backward != backward else backward, "backward_unit": method.backward_unit,
         "saved_activations_bytes": method.saved_bytes, "steps_measured": len(method.records),
+        "unconverged_forward": sum(r["unconverged_forward"] for r in method.records),
+        "unconverged_backward": sum(r["unconverged_backward"] for r in method.records),
     }
 
 
@@ -217,7 +241,7 @@ def add_ratios(rows: List[dict]) -> None:
 
 
 COLUMNS = ("Method", "fwd (ms)", "bwd (ms)", "step (ms)", "predict (ms/batch)", "fwd f-evals",
-           "bwd iters / NFE", "saved act. (KiB)", "fwd x", "bwd x", "step x", "predict x")
+           "bwd iters / NFE", "unconverged fwd / bwd", "saved act. (KiB)", "fwd x", "bwd x", "step x", "predict x")
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
@@ -226,7 +250,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
     for r in rows:
         bwd = "—" if r["backward_count"] is None else f"{r['backward_count']:.0f} {r['backward_unit']}"
         cells = [r["method"], *(f"{1e3 * r[k]:.2f}" for k in ("forward_s", "backward_s", "step_s", "predict_s")),
-                 f"{r['forward_f_evals']:.0f}", bwd, f"{r['saved_activations_bytes'] / 1024:.0f}",
+                 f"{r['forward_f_evals']:.0f}", bwd, f"{r['unconverged_forward']} / {r['unconverged_backward']}",
+                 f"{r['saved_activations_bytes'] / 1024:.0f}",
                  *(f"{r['ratio'][k]:.2f}" for k in ("forward_s", "backward_s", "step_s", "predict_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -241,8 +266,10 @@ NOTES = """\
   `solution.nfe` + 1 (the evaluation at z* that the implicit backward differentiates), + 1 for skip_reg (its start
   f(0, x)); for torchdeq the Anderson iterations + 1 (the same re-evaluation); for the Neural ODEs the solver's NFE.
 - bwd iters / NFE: the DEQs' backward linear-solve iterations (this package: GMRES, `solution.backward_iters`;
-  torchdeq: Anderson on the adjoint fixed point); for the NeuralODE adjoint the NFE counted during backward
+  torchdeq: Broyden on the adjoint fixed point); for the NeuralODE adjoint the NFE counted during backward
   (`vf.nfe` difference); backprop through the solver (autograd) has none.
+- unconverged fwd / bwd: measured steps whose forward solve or backward linear solve ended above its tolerance
+  (this package's `ConvergenceWarning`; torchdeq and torchdyn do not report it).
 - saved act.: distinct tensors autograd keeps for the backward pass of one training forward, parameters
   excluded (via `torch.autograd.graph.saved_tensors_hooks`, on one extra untimed step). Peak RSS is not reported:
   `ru_maxrss` is a process-wide high-water mark and cannot be attributed to one method when all run in one process.

@@ -99,7 +99,7 @@ def test_callable_vector_fields():
         assert torch.isfinite(out).all() and model.solution.converged
 
 
-@pytest.mark.parametrize("solver", ["euler", "rk4", "midpoint", "tsit5", "dopri5", "anderson", "broyden", "fixed_point"])
+@pytest.mark.parametrize("solver", ["euler", "rk4", "midpoint", "tsit5", "dopri5", "vcab3", "anderson", "broyden", "fixed_point"])
 def test_every_solver_reaches_the_same_fixed_point(solver):
     from conftest import TanhLayer
 

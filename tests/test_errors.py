@@ -84,7 +84,7 @@ def test_nan_appearing_during_the_solve(solver):
         td.DEQ(Poisoned(), solver=solver)(torch.randn(4, 2))
 
 
-SOLVERS = ["tsit5", "dopri5", "rk4", "euler", "anderson", "broyden", "fixed_point"]
+SOLVERS = ["tsit5", "dopri5", "vcab3", "rk4", "euler", "anderson", "broyden", "fixed_point"]
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

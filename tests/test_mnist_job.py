@@ -69,6 +69,7 @@ def test_neural_ode_baseline_gives_the_encoder_a_gradient():
     assert net.backward_stats()["backward_nfe"] > 0
 
 
+@pytest.mark.slow  # about 12 s on 2 idle cores, up to 30 s when they are shared
 def test_step_benchmark_smoke(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mnist_step.py"), "--smoke", "--threads", "1",
                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)

@@ -1,4 +1,5 @@
 """Continuous Deep Equilibrium Models (infinite-time Neural ODEs) for torchdyn."""
+from ._adams import VCAB3, adams_bashforth_weights
 from ._initializers import (Initializer, InputInitializer, SkipInitializer, SkipRegInitializer,
                             ZerosInitializer)
 from ._linear_solvers import GMRES, DirectSolver, FixedPointSolver, LinearSolveInfo, LinearSolver
@@ -13,7 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "InfiniteTimeNeuralODE", "DEQ", "DEQVectorField",
-    "SteadyStateSolver", "ODESteadyStateSolver", "RootSolver", "FixedPointIteration",
+    "SteadyStateSolver", "ODESteadyStateSolver", "VCAB3", "adams_bashforth_weights", "RootSolver", "FixedPointIteration",
     "AndersonAcceleration", "BroydenSolver", "scaled_residual",
     "Sensitivity", "SteadyStateSensitivity", "AutogradSensitivity",
     "LinearSolver", "GMRES", "FixedPointSolver", "DirectSolver", "LinearSolveInfo",

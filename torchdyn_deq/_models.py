@@ -144,8 +144,16 @@ class InfiniteTimeNeuralODE(NeuralODE):
 
     # ---------------------------------------------------------------- the solve
     def _vector_field(self, args: dict) -> Callable[[Tensor, Tensor], Tensor]:
+        # what torchdyn's DEFunc does on every call (count, set `t` on DepthCat-like modules),
+        # with the module scan done once per solve instead of once per evaluation
+        defunc, field = self.vf, self.vf.vf
+        timed = [m for _, m in field.named_modules() if hasattr(m, "t")]
+
         def g(t: Tensor, z: Tensor) -> Tensor:
-            dz = self.vf(t, z, args)
+            defunc.nfe += 1
+            for module in timed:
+                module.t = t
+            dz = field(t, z, args=args)
             if not isinstance(dz, Tensor) or dz.shape != z.shape:
                 shape = tuple(dz.shape) if isinstance(dz, Tensor) else type(dz).__name__
                 raise ValueError(f"the vector field returned {shape} for a state of shape {tuple(z.shape)}; "

@@ -6,13 +6,14 @@ from typing import Union
 import torch.nn as nn
 from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
+from ._adams import VCAB3
 from ._initializers import Initializer, InputInitializer, SkipRegInitializer, ZerosInitializer
 from ._linear_solvers import GMRES
 from ._root_solvers import AndersonAcceleration, BroydenSolver, FixedPointIteration
 from ._sensitivity import AutogradSensitivity, Sensitivity, SteadyStateSensitivity
 from ._steady_state import ODESteadyStateSolver, SteadyStateSolver
 
-ODE_SOLVERS = ("tsit5", "dopri5", "euler", "midpoint", "rk4")
+ODE_SOLVERS = ("tsit5", "dopri5", "vcab3", "euler", "midpoint", "rk4")
 ROOT_SOLVERS = {"fixed_point": FixedPointIteration, "anderson": AndersonAcceleration, "broyden": BroydenSolver}
 SENSITIVITIES = ("steady_state", "autograd")
 INITIALIZERS = {"zeros": ZerosInitializer, "input": InputInitializer, "skip_reg": SkipRegInitializer}
@@ -29,6 +30,8 @@ def make_solver(solver: Union[str, nn.Module, SteadyStateSolver], **ode_options)
     if isinstance(solver, str):
         if solver in ROOT_SOLVERS:
             return ROOT_SOLVERS[solver]()
+        if solver == "vcab3":
+            return VCAB3()
         if solver in ODE_SOLVERS or (solver in SOLVER_DICT and solver not in _UNSUPPORTED_TORCHDYN):
             return ODESteadyStateSolver(solver, **ode_options)
         raise ValueError(

@@ -74,11 +74,9 @@ class SteadyStateSensitivity(Sensitivity):
         """Solve ``(dg/dz)^T w = -v`` at the steady state; returns ``w`` shaped like ``v``."""
         batch, shape = v.shape[0], v.shape
 
-        def matvec(u: Tensor) -> Tensor:
+        def matvec(u: Tensor) -> Tensor:  # -(dg/dz)^T u: I - J_f^T for a DEQ, as the Neumann series needs
             (vjp,) = torch.autograd.grad(gz, z_leaf, u.view(shape), retain_graph=True, allow_unused=True)
-            if vjp is None:
-                return torch.zeros_like(u)
-            return -vjp.reshape(batch, -1)
+            return torch.zeros_like(u) if vjp is None else -vjp.reshape(batch, -1)
 
         w, info = self.linear_solver.solve(matvec, v.reshape(batch, -1))
         record.backward_iters, record.backward_residual = info.iters, info.residual

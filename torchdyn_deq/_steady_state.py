@@ -9,6 +9,8 @@ taken per sample). The solve ends when every sample of the batch satisfies it.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Union
 
 import torch
@@ -25,7 +27,7 @@ VectorField = Callable[[Tensor, Tensor], Tensor]
 def scaled_residual(dz: Tensor, z: Tensor, atol: float, rtol: float) -> Tensor:
     """Per-sample ``rms(dz / (atol + rtol |z|))``; shape ``(batch,)``."""
     scaled = (dz.detach() / (atol + rtol * z.detach().abs())).reshape(dz.shape[0], -1)
-    return scaled.pow(2).mean(dim=1).sqrt()
+    return torch.linalg.vector_norm(scaled, dim=1) / scaled.shape[1] ** 0.5
 
 
 class _Counter:
@@ -47,16 +49,17 @@ class _Progress:
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
 
     def update(self, residual: Tensor, nfe: int, where: str) -> bool:
-        if not bool(torch.isfinite(residual).all()):
+        worst = float(residual.max())  # the one synchronisation per step; NaN propagates
+        if not math.isfinite(worst):
             raise NonFiniteError(
                 f"non-finite values appeared {where}: the vector field produced NaN/inf, or the "
                 "dynamics diverge (no steady state). Check the input, lower the learning rate, or add "
                 "Jacobian regularization"
             )
         newly = (residual <= 1) & ~self.done
-        self.nfe_per_sample[newly] = nfe
+        self.nfe_per_sample = torch.where(newly, nfe, self.nfe_per_sample)
         self.done |= newly
-        return bool(self.done.all())
+        return worst <= 1
 
     def finish(self, z_star, z0, residual, t, nfe, accepted, rejected, reason) -> SteadyStateSolution:
         self.nfe_per_sample[~self.done] = nfe

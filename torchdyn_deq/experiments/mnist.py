@@ -231,7 +231,7 @@ def train_and_test(variant: Variant, args: argparse.Namespace, train_set: Datase
         max_epochs=args.epochs, accelerator="cpu", devices=1,
         logger=CSVLogger(args.out_dir, name="logs", version=variant.key), log_every_n_steps=1,
         enable_checkpointing=False, enable_progress_bar=not args.no_progress, enable_model_summary=False,
-        limit_train_batches=args.limit_train_batches or 1.0, limit_test_batches=args.limit_test_batches or 1.0,
+        limit_train_batches=args.limit_train_batches, limit_test_batches=args.limit_test_batches,
     )
     start = time.perf_counter()
     trainer.fit(model, train_loader)
