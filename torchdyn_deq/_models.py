@@ -167,7 +167,9 @@ class InfiniteTimeNeuralODE(NeuralODE):
         g = self._vector_field(args)
         state_shape = self.state_shape or tuple(x.shape[1:])
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        nfe_start = self.vf.nfe
         z0 = self.initializer(x, g, state_shape)
+        nfe_init = int(self.vf.nfe - nfe_start)  # Skip Reg. evaluates f(0, x)
         implicit = self.sensitivity.implicit or not needs_grad
         if implicit:
             with torch.no_grad():
@@ -175,6 +177,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
         else:
             sol = self.solver.solve(g, z0, self.atol, self.rtol, self.max_steps)
         sol.z0 = z0
+        sol.nfe, sol.nfe_per_sample = sol.nfe + nfe_init, sol.nfe_per_sample + nfe_init
         if not sol.converged:
             self._report(sol)
         has_aux = self.jacobian_penalty is not None or type(self.initializer).aux_loss is not Initializer.aux_loss

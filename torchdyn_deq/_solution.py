@@ -46,8 +46,9 @@ class SteadyStateSolution:
         residual: per-sample scaled residual ``rms(g(z*) / (atol + rtol |z*|))``
             (continuous) or ``rms(g(z*)) / (atol + rtol rms(z*))`` (discrete); ``<= 1`` means converged.
         t: the time reached (continuous solvers) or the number of iterations (discrete solvers).
-        nfe: vector-field evaluations of the forward solve (the one extra evaluation with
-            gradients that the implicit backward needs is not included).
+        nfe: vector-field evaluations of the forward pass: the initializer's (one for Skip
+            Reg.'s ``f(0, x)``) and the solver's. The one extra evaluation at ``z*`` with
+            gradients, made in training for the implicit backward, is not included.
         nfe_per_sample: evaluations after which each sample first met its tolerance
             (``nfe`` for samples that never did).
         steps_accepted, steps_rejected: adaptive steps (iterations for discrete solvers).
