@@ -20,7 +20,7 @@ def test_cli_trains_tests_and_writes_the_table(tmp_path, capsys):
 
     expected = [("Neural ODE", "neural_ode"), ("Vanilla DEQ", "vanilla"), ("Skip Reg. DEQ", "skip_reg")]
     table = (tmp_path / "results.md").read_text()
-    assert "| Model | Continuous | Jacobian Reg. | # Params |" in table
+    assert "| Model | Continuous | Jacobian Reg. | # Params |" in table and "Backward Pass (s / batch)" in table
     body = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| Model")]
     assert [line.split(" | ")[0][2:] for line in body] == [label for label, _ in expected]
     assert table.split("\n\n")[1] in capsys.readouterr().out
@@ -33,6 +33,7 @@ def test_cli_trains_tests_and_writes_the_table(tmp_path, capsys):
         assert row["train_steps"] == 3 and row["test_samples"] == 64
         assert 0 <= row["test_accuracy"] <= 100
         assert row["test_nfe"] >= 1 and row["train_time_s"] > 0 and row["predict_time_s"] > 0
+        assert 0 < row["backward_time_s"] < row["train_time_s"]
     assert rows[0]["params"] == rows[1]["params"] == 784 * 128 + 128 + 2 * (128 * 128 + 128) + 128 * 10 + 10
     assert {"platform", "torch", "torchdyn", "pytorch_lightning", "torch_threads"} <= set(results["machine"])
 
