@@ -92,6 +92,12 @@ def method_builders(tol: float) -> Dict[str, Tuple[Callable[[nn.Module], nn.Modu
         "DEQ continuous vanilla (tsit5)": (lambda f: build_layer(Variant("vanilla"), f, tol), "GMRES iters"),
         "DEQ continuous skip (tsit5)": (lambda f: build_layer(Variant("skip"), f, tol), "GMRES iters"),
         "DEQ continuous skip_reg (tsit5)": (lambda f: build_layer(Variant("skip_reg"), f, tol), "GMRES iters"),
+        "DEQ continuous vanilla (tsit5, per-sample)": (
+            lambda f: td.DEQ(f, solver=td.ODESteadyStateSolver("tsit5", per_sample=True), atol=tol, rtol=tol),
+            "GMRES iters"),
+        "DEQ continuous skip_reg (tsit5, per-sample)": (
+            lambda f: td.DEQ(f, solver=td.ODESteadyStateSolver("tsit5", per_sample=True), atol=tol, rtol=tol,
+                             initializer=td.SkipRegInitializer(LAMBDA_SKIP)), "GMRES iters"),
         "DEQ continuous vanilla (vcab3)": (lambda f: td.DEQ(f, solver="vcab3", atol=tol, rtol=tol), "GMRES iters"),
         "DEQ continuous skip_reg (vcab3)": (lambda f: td.DEQ(f, solver="vcab3", atol=tol, rtol=tol,
                                                              initializer=td.SkipRegInitializer(LAMBDA_SKIP)),

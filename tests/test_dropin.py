@@ -135,3 +135,51 @@ def test_sensitivity_objects_and_names(layer):
     model = td.DEQ(layer, state_shape=(3,), sensitivity="steady_state", rtol_adjoint=1e-7, atol_adjoint=1e-9)
     assert model.sensitivity.linear_solver.rtol == 1e-7 and model.sensitivity.linear_solver.atol == 1e-9
     assert isinstance(td.DEQ(layer, sensitivity="autograd").sensitivity, td.AutogradSensitivity)
+
+
+def test_inference_mode_budget_and_tolerance(layer):
+    import warnings
+
+    model = td.DEQ(layer, state_shape=(3,), atol=1e-8, rtol=1e-8, eval_tol_factor=1e4, eval_max_steps=2)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    model(x)
+    train_nfe = model.solution.nfe
+    assert model.solution.converged
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exhausted budget is recorded, not warned
+        model(x)
+    assert model.solution.nfe < train_nfe and model.solution.steps_accepted + model.solution.steps_rejected <= 2
+    assert model.solution.reason in ("budget", "converged")
+    model.eval_max_steps = None  # looser tolerance alone: converges to 1e-4
+    model(x)
+    assert model.solution.converged and model.solution.nfe < train_nfe
+    with pytest.raises(ValueError, match="eval_tol_factor"):
+        td.DEQ(layer, eval_tol_factor=0)
+    with pytest.raises(ValueError, match="eval_max_steps"):
+        td.DEQ(layer, eval_max_steps=0)
+
+
+@pytest.mark.parametrize("stepper", ["tsit5", "rk4"])
+def test_per_sample_termination(stepper):
+    from conftest import TanhLayer
+
+    layer = TanhLayer(d=8, m=3, dtype=torch.float64)
+    with torch.no_grad():
+        layer.b.zero_()
+    x = torch.randn(16, 3, dtype=torch.float64)
+    x[:8] *= 1e-4  # half the batch starts almost at its fixed point z* ~ 0
+    results = {}
+    for per_sample in (False, True):
+        model = td.DEQ(layer, solver=td.ODESteadyStateSolver(stepper, per_sample=per_sample), state_shape=(8,),
+                       atol=1e-8, rtol=1e-8)
+        z = model(x)[1][-1]
+        results[per_sample] = (z, model.solution)
+    (z_all, sol_all), (z_ps, sol_ps) = results[False], results[True]
+    assert sol_ps.converged and (sol_ps.residual <= 1).all()
+    torch.testing.assert_close(z_ps, z_all, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(layer(z_ps, x), z_ps, rtol=1e-6, atol=1e-7)  # every sample at its own z*
+    # the early samples stopped costing evaluations: fewer sample-evaluations in total
+    assert sol_ps.nfe_per_sample[:8].max() < sol_ps.nfe_per_sample[8:].min()
+    assert sol_ps.nfe_per_sample.sum() < sol_all.nfe * 16
+    z_ps.sum().backward()  # the implicit backward works on the reassembled batch

@@ -67,6 +67,11 @@ class InfiniteTimeNeuralODE(NeuralODE):
         max_steps: bound on solver steps (accepted + rejected) or iterations. Default ``100``.
         on_failure: ``'warn'`` (default) or ``'raise'`` when a solve does not converge.
         jacobian_penalty: a :class:`JacobianPenalty`, computed in training. Default ``None``.
+        eval_tol_factor: in eval mode (``model.eval()``) the tolerances are multiplied by
+            this. Default ``1.0`` (same accuracy as training).
+        eval_max_steps: in eval mode, a fixed step budget. Reaching it is the point of a
+            budget, so it is recorded (``solution.reason == 'budget'``) instead of warned.
+            Default ``None`` (``max_steps``, reported as non-convergence).
 
     ``order > 1``, ``solver_adjoint``, ``interpolator``, ``integral_loss``, ``seminorm`` and
     ``save_at`` belong to finite-time integration and are refused with an error.
@@ -78,7 +83,8 @@ class InfiniteTimeNeuralODE(NeuralODE):
                  atol_adjoint: float = 1e-10, rtol_adjoint: float = 1e-5, interpolator=None, integral_loss=None,
                  seminorm: bool = False, return_t_eval: bool = True, optimizable_params: Sequence = (), *,
                  initializer: Union[str, Initializer] = "input", state_shape: Optional[Tuple[int, ...]] = None,
-                 max_steps: int = 100, on_failure: str = "warn", jacobian_penalty: Optional[JacobianPenalty] = None):
+                 max_steps: int = 100, on_failure: str = "warn", jacobian_penalty: Optional[JacobianPenalty] = None,
+                 eval_tol_factor: float = 1.0, eval_max_steps: Optional[int] = None):
         for name, value, default in (("order", order, 1), ("solver_adjoint", solver_adjoint, None),
                                      ("interpolator", interpolator, None), ("integral_loss", integral_loss, None),
                                      ("seminorm", seminorm, False)):
@@ -88,8 +94,11 @@ class InfiniteTimeNeuralODE(NeuralODE):
         atol, rtol = _check_tolerance("atol", atol), _check_tolerance("rtol", rtol)
         if atol == 0 and rtol == 0:
             raise ValueError("atol and rtol are both 0: no steady state can satisfy a zero tolerance")
-        if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+        for name, value in (("max_steps", max_steps), ("eval_max_steps", 1 if eval_max_steps is None else eval_max_steps)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(eval_tol_factor, bool) or not isinstance(eval_tol_factor, (int, float)) or not 0 < eval_tol_factor < float("inf"):
+            raise ValueError(f"eval_tol_factor must be a positive finite number, got {eval_tol_factor!r}")
         if jacobian_penalty is not None and not isinstance(jacobian_penalty, JacobianPenalty):
             raise TypeError(f"jacobian_penalty must be a JacobianPenalty or None, got {jacobian_penalty!r}")
         on_failure = check_failure_mode(on_failure)
@@ -104,6 +113,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
         self.initializer = init
         self.state_shape = None if state_shape is None else tuple(int(s) for s in state_shape)
         self.max_steps, self.on_failure, self.jacobian_penalty = max_steps, on_failure, jacobian_penalty
+        self.eval_tol_factor, self.eval_max_steps = float(eval_tol_factor), eval_max_steps
         self.solution: Optional[SteadyStateSolution] = None
 
     # ---------------------------------------------------------------- torchdyn interface
@@ -148,6 +158,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
         # with the module scan done once per solve instead of once per evaluation
         defunc, field = self.vf, self.vf.vf
         timed = [m for _, m in field.named_modules() if hasattr(m, "t")]
+        controlled = [m for _, m in field.named_modules() if getattr(m, "_control", None) is not None]
 
         def g(t: Tensor, z: Tensor) -> Tensor:
             defunc.nfe += 1
@@ -161,6 +172,23 @@ class InfiniteTimeNeuralODE(NeuralODE):
             if dz.dtype != z.dtype:
                 raise TypeError(f"the vector field returned dtype {dz.dtype} for a state of dtype {z.dtype}")
             return dz
+
+        def on_rows(rows: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+            """``g`` on a subset of the batch: the injected inputs restricted to ``rows``."""
+            full = [m._control for m in controlled]
+            subsets = [c.index_select(0, rows) for c in full]
+
+            def g_rows(t: Tensor, z: Tensor) -> Tensor:
+                for module, sub in zip(controlled, subsets):
+                    module._control = sub
+                try:
+                    return g(t, z)
+                finally:
+                    for module, c in zip(controlled, full):
+                        module._control = c
+            return g_rows
+
+        g.on_rows = on_rows
         return g
 
     def _solve(self, x: Tensor, args: dict) -> SteadyStateSolution:
@@ -171,14 +199,19 @@ class InfiniteTimeNeuralODE(NeuralODE):
         z0 = self.initializer(x, g, state_shape)
         nfe_init = int(self.vf.nfe - nfe_start)  # Skip Reg. evaluates f(0, x)
         implicit = self.sensitivity.implicit or not needs_grad
+        factor = 1.0 if self.training else self.eval_tol_factor
+        budget = self.eval_max_steps if not self.training and self.eval_max_steps is not None else None
+        options = (self.atol * factor, self.rtol * factor, budget or self.max_steps)
         if implicit:
             with torch.no_grad():
-                sol = self.solver.solve(g, z0.detach(), self.atol, self.rtol, self.max_steps)
+                sol = self.solver.solve(g, z0.detach(), *options)
         else:
-            sol = self.solver.solve(g, z0, self.atol, self.rtol, self.max_steps)
+            sol = self.solver.solve(g, z0, *options)
         sol.z0 = z0
         sol.nfe, sol.nfe_per_sample = sol.nfe + nfe_init, sol.nfe_per_sample + nfe_init
-        if not sol.converged:
+        if budget is not None and sol.reason == "max_steps":
+            sol.reason = "budget"
+        elif not sol.converged:
             self._report(sol)
         has_aux = self.jacobian_penalty is not None or type(self.initializer).aux_loss is not Initializer.aux_loss
         if needs_grad and (implicit or has_aux):

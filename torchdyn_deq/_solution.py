@@ -53,7 +53,8 @@ class SteadyStateSolution:
             (``nfe`` for samples that never did).
         steps_accepted, steps_rejected: adaptive steps (iterations for discrete solvers).
         converged: every sample met the tolerance.
-        reason: ``'converged'``, ``'max_steps'``, ``'diverged'`` or ``'stalled'``.
+        reason: ``'converged'``, ``'max_steps'``, ``'diverged'``, ``'stalled'``, or ``'budget'``
+            (the eval-mode step budget ``eval_max_steps`` was used up, as intended).
         backward_iters: linear-solve iterations (VJPs) of the last backward pass, ``None``
             until a backward pass ran.
         backward_residual: relative residual reached by that linear solve.

@@ -109,10 +109,17 @@ class ODESteadyStateSolver(SteadyStateSolver):
             the steps stable.
         step_size: step of fixed-step steppers. Default ``1.0`` (explicit Euler with
             step 1 on ``g = f - z`` is the fixed-point iteration ``z <- f(z)``).
+        per_sample: drop samples from the batch once they meet the tolerance, so they stop
+            costing evaluations while the rest continue (the vector field is then called on
+            the remaining rows, with the injected input restricted to them). Default
+            ``False``: a vector field whose output for one sample depends on the others
+            (batch norm in training mode) would change. Only for gradient-free solves (the
+            implicit sensitivity, or inference); with ``sensitivity='autograd'`` the whole
+            batch is stepped.
     """
 
     def __init__(self, stepper: Union[str, nn.Module] = "tsit5", step_tol_factor: float = 0.3, max_step: float = 2.0,
-                 min_step_tol: float = 1e-6, step_size: float = 1.0):
+                 min_step_tol: float = 1e-6, step_size: float = 1.0, per_sample: bool = False):
         for name, value in (("step_tol_factor", step_tol_factor), ("max_step", max_step), ("step_size", step_size),
                             ("min_step_tol", min_step_tol)):
             if not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
@@ -127,7 +134,7 @@ class ODESteadyStateSolver(SteadyStateSolver):
             raise TypeError(f"stepper must be a torchdyn solver name or stepper instance, got {stepper!r}")
         self.stepper, self._stepper_of = stepper, stepper_of
         self.step_tol_factor, self.max_step, self.step_size = float(step_tol_factor), float(max_step), float(step_size)
-        self.min_step_tol = float(min_step_tol)
+        self.min_step_tol, self.per_sample = float(min_step_tol), bool(per_sample)
 
     def _stepper(self, dtype: torch.dtype) -> nn.Module:
         if self._stepper_of is None:
@@ -135,10 +142,6 @@ class ODESteadyStateSolver(SteadyStateSolver):
         if dtype not in self._stepper_of:
             self._stepper_of[dtype] = str_to_solver(self.stepper, dtype)
         return self._stepper_of[dtype]
-
-    @property
-    def adaptive(self) -> bool:
-        return getattr(self._stepper(torch.float32), "stepping_class", "fixed") == "adaptive"
 
     def _first_step(self, k1: Tensor, z: Tensor, atol: float, rtol: float, order: int) -> Tensor:
         """Hairer's step-size guess ``(0.01 / ||k1 / scale||)^(1/(order+1))`` without its
@@ -148,6 +151,7 @@ class ODESteadyStateSolver(SteadyStateSolver):
         return torch.clamp((0.01 / d1) ** (1.0 / (order + 1)), max=self.max_step)
 
     def solve(self, f, z0, atol, rtol, max_steps):
+        restrict = getattr(f, "on_rows", None) if self.per_sample and not z0.requires_grad else None
         f = _Counter(f)
         stepper = self._stepper(z0.dtype)
         adaptive = getattr(stepper, "stepping_class", "fixed") == "adaptive"
@@ -166,6 +170,7 @@ class ODESteadyStateSolver(SteadyStateSolver):
         else:
             dt = torch.tensor(self.step_size, dtype=z.dtype, device=z.device)
         max_step = torch.tensor(self.max_step, dtype=z.dtype, device=z.device)
+        rows, z_out, res_out = None, z, residual  # rows: the samples still stepped (None: all)
         reason = "max_steps"
         while accepted + rejected < max_steps:
             out = stepper.step(f, z, t, dt, k1=k1)
@@ -186,7 +191,16 @@ class ODESteadyStateSolver(SteadyStateSolver):
             t, z, k1, dt = t + dt, z_new, k_new, next_dt
             accepted += 1
             residual = scaled_residual(k1, z, atol, rtol)
-            if progress.update(residual, f.n, f"at step {accepted + rejected}, t={float(t):.4g}"):
+            if rows is None:
+                z_out, res_out = z, residual
+            else:  # write the active samples back into the full batch
+                z_out, res_out = z_out.index_copy(0, rows, z), res_out.index_copy(0, rows, residual)
+            if progress.update(res_out, f.n, f"at step {accepted + rejected}, t={float(t):.4g}"):
                 reason = "converged"
                 break
-        return progress.finish(z, z0, residual, t, f.n, accepted, rejected, reason)
+            if restrict is not None and bool((residual <= 1).any()):
+                keep = (residual > 1).nonzero()[:, 0]
+                rows = keep if rows is None else rows[keep]
+                z, k1 = z[keep], k1[keep]
+                f.f = restrict(rows)
+        return progress.finish(z_out, z0, res_out, t, f.n, accepted, rejected, reason)
