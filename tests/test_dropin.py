@@ -183,3 +183,19 @@ def test_per_sample_termination(stepper):
     assert sol_ps.nfe_per_sample[:8].max() < sol_ps.nfe_per_sample[8:].min()
     assert sol_ps.nfe_per_sample.sum() < sol_all.nfe * 16
     z_ps.sum().backward()  # the implicit backward works on the reassembled batch
+
+
+@pytest.mark.slow  # compiles: about 30-45 s on 2 cores
+def test_compiled_vector_field_gives_the_same_solution_and_gradients():
+    from conftest import TanhLayer
+
+    layer = TanhLayer(d=8, m=3, dtype=torch.float32)
+    x = torch.randn(16, 3, requires_grad=True)
+    grads = []
+    for f in (layer, torch.compile(layer)):
+        model = td.DEQ(f, state_shape=(8,), atol=1e-5, rtol=1e-5)
+        z = model(x)[1][-1]
+        grads.append(torch.autograd.grad(z.sum(), [x, *layer.parameters()]))
+        assert model.solution.converged and model.solution.backward_iters > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
