@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 from torchdyn.numerics.solvers.ode import SOLVER_DICT, str_to_solver
-from torchdyn.numerics.utils import adapt_step
 
 from ._solution import NonFiniteError, SteadyStateSolution
 
@@ -48,11 +47,11 @@ class _Progress:
         self.nfe_per_sample = torch.zeros(batch, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    def update(self, residual: Tensor, nfe: int, where: str) -> bool:
-        worst = float(residual.max())  # the one synchronisation per step; NaN propagates
+    def update(self, residual: Tensor, nfe: int, where: Union[str, Callable[[], str]]) -> bool:
+        worst = float(residual.max())  # one synchronisation per step; NaN propagates
         if not math.isfinite(worst):
             raise NonFiniteError(
-                f"non-finite values appeared {where}: the vector field produced NaN/inf, or the "
+                f"non-finite values appeared {where() if callable(where) else where}: the vector field produced NaN/inf, or the "
                 "dynamics diverge (no steady state). Check the input, lower the learning rate, or add "
                 "Jacobian regularization"
             )
@@ -150,6 +149,16 @@ class ODESteadyStateSolver(SteadyStateSolver):
         d1 = (k1.detach() / (atol + rtol * z.detach().abs())).pow(2).mean().sqrt().clamp_min(1e-15)
         return torch.clamp((0.01 / d1) ** (1.0 / (order + 1)), max=self.max_step)
 
+    @staticmethod
+    def _step_factor(ratio: float, safety: float, min_factor: float, max_factor: float, order: int) -> float:
+        """torchdyn's ``adapt_step`` rule, on Python floats: ``safety * ratio^(-1/order)``
+        clipped to ``[min_factor, max_factor]``, never shrinking an accepted step. Floats
+        instead of tensors: its two tensor comparisons were two host synchronisations per step."""
+        if ratio == 0:
+            return max_factor
+        lower = 1.0 if ratio < 1 else min_factor
+        return min(max_factor, max(safety * ratio ** (-1.0 / order), lower))
+
     def solve(self, f, z0, atol, rtol, max_steps):
         restrict = getattr(f, "on_rows", None) if self.per_sample and not z0.requires_grad else None
         f = _Counter(f)
@@ -165,23 +174,21 @@ class ODESteadyStateSolver(SteadyStateSolver):
             return progress.finish(z, z0, residual, t, f.n, 0, 0, "converged")
         satol = max(atol * self.step_tol_factor, self.min_step_tol)
         srtol = max(rtol * self.step_tol_factor, self.min_step_tol)
-        if adaptive:
-            dt = self._first_step(k1, z, satol, srtol, stepper.order)
-        else:
-            dt = torch.tensor(self.step_size, dtype=z.dtype, device=z.device)
-        max_step = torch.tensor(self.max_step, dtype=z.dtype, device=z.device)
+        dt = float(self._first_step(k1, z, satol, srtol, stepper.order)) if adaptive else self.step_size
+        if adaptive:  # read once: each tensor-to-float conversion is a synchronisation
+            control = tuple(float(getattr(stepper, k)) for k in ("safety", "min_factor", "max_factor")) + (stepper.order,)
         rows, z_out, res_out = None, z, residual  # rows: the samples still stepped (None: all)
         reason = "max_steps"
         while accepted + rejected < max_steps:
             out = stepper.step(f, z, t, dt, k1=k1)
             k_new, z_new, err = out[0], out[1], out[2]
             if adaptive:
-                ratio = (err / (satol + srtol * torch.max(z.abs(), z_new.abs()))).detach().pow(2).mean().sqrt()
-                if not bool(torch.isfinite(ratio)):
-                    progress.update(ratio[None], f.n, f"during step {accepted + rejected} at t={float(t):.4g}")
-                next_dt = torch.minimum(adapt_step(dt, ratio, stepper.safety, stepper.min_factor,
-                                                   stepper.max_factor, stepper.order), max_step)
-                if not bool(ratio <= 1):
+                scaled = err.detach() / (satol + srtol * torch.max(z.detach().abs(), z_new.detach().abs()))
+                ratio = float(scaled.pow(2).mean().sqrt())  # the step's one synchronisation
+                if not math.isfinite(ratio):
+                    progress.update(torch.tensor([ratio]), f.n, lambda: f"during step {accepted + rejected} at t={float(t):.4g}")
+                next_dt = min(dt * self._step_factor(ratio, *control), self.max_step)
+                if ratio > 1:
                     rejected += 1
                     dt = next_dt
                     continue
@@ -195,7 +202,7 @@ class ODESteadyStateSolver(SteadyStateSolver):
                 z_out, res_out = z, residual
             else:  # write the active samples back into the full batch
                 z_out, res_out = z_out.index_copy(0, rows, z), res_out.index_copy(0, rows, residual)
-            if progress.update(res_out, f.n, f"at step {accepted + rejected}, t={float(t):.4g}"):
+            if progress.update(res_out, f.n, lambda: f"at step {accepted + rejected}, t={float(t):.4g}"):
                 reason = "converged"
                 break
             if restrict is not None and bool((residual <= 1).any()):
