@@ -52,7 +52,7 @@ class VCAB3(SteadyStateSolver):
         max_step: largest step. Default ``0.4``: AB3 is stable for ``h |lambda| < 6/11`` on
             the negative real axis, and a DEQ's ``g = f - z`` has eigenvalues near ``-1``
             (within ``rho(J_f)`` of it). A safeguard against the steady-state stall of
-            explicit solvers (see :class:`ODESteadyStateSolver`); in our tests AB3's own error
+            explicit solvers (see `ODESteadyStateSolver`); in our tests AB3's own error
             control kept steps near 0.3 and the bound rarely binds.
         min_step_tol: floor of the step-control tolerances. Default ``1e-6``.
         max_factor: largest step growth per step. Default ``2.0``.

@@ -42,31 +42,33 @@ class InfiniteTimeNeuralODE(NeuralODE):
 
         rms( dz/dt / (atol + rtol |z|) ) <= 1        (per sample, Hairer RMS norm),
 
-    then differentiates through the steady state implicitly (:class:`SteadyStateSensitivity`):
+    then differentiates through the steady state implicitly (`SteadyStateSensitivity`):
     no backpropagation through the solver steps. Same constructor keywords, vector fields,
     ``(t_eval, sol)`` return and Lightning use as ``NeuralODE``; ``sol[-1]`` is the steady
     state, ``sol[0]`` the start, ``t_eval = [t0, t_reached]``. The last solve's
-    :class:`SteadyStateSolution` is ``model.solution``.
+    `SteadyStateSolution` is ``model.solution``.
 
     Args:
         vector_field: ``forward(t, x, args=None)`` or ``forward(x)``; torchdyn's ``DataControl``
             injection works, and the injected input receives its true gradient.
         solver: ``'tsit5'`` (default), ``'dopri5'``, fixed-step ``'euler'``/``'midpoint'``/``'rk4'``
             (step 1.0), the discrete ``'anderson'``/``'broyden'``/``'fixed_point'``, a torchdyn
-            stepper instance, or a :class:`SteadyStateSolver`.
-        atol, rtol: steady-state tolerances. Default ``1e-3`` each (``NeuralODE``'s).
+            stepper instance, or a `SteadyStateSolver`.
+        atol: absolute steady-state tolerance. Default ``1e-3`` (``NeuralODE``'s).
+        rtol: relative steady-state tolerance. Default ``1e-3`` (``NeuralODE``'s).
         sensitivity: ``'steady_state'`` (default, implicit), ``'autograd'`` (backprop through
-            the solver), or a :class:`Sensitivity` instance.
-        atol_adjoint, rtol_adjoint: tolerances of the backward GMRES solve when
-            ``sensitivity='steady_state'``. Default ``1e-10`` and ``1e-5``.
+            the solver), or a `Sensitivity` instance.
+        atol_adjoint: absolute tolerance of the backward GMRES solve when
+            ``sensitivity='steady_state'``. Default ``1e-10``.
+        rtol_adjoint: its relative tolerance. Default ``1e-5``.
         return_t_eval: return ``(t_eval, sol)`` (default) or ``sol`` alone.
         initializer: starting state: ``'input'`` (default: ``z0 = x`` as in ``NeuralODE``),
-            ``'zeros'``, ``'skip_reg'``, or an :class:`Initializer` such as ``SkipInitializer``.
+            ``'zeros'``, ``'skip_reg'``, or an `Initializer` such as ``SkipInitializer``.
         state_shape: per-sample state shape when it differs from the input's (zeros / Skip
             initializers). Default: the input's.
         max_steps: bound on solver steps (accepted + rejected) or iterations. Default ``100``.
         on_failure: ``'warn'`` (default) or ``'raise'`` when a solve does not converge.
-        jacobian_penalty: a :class:`JacobianPenalty`, computed in training. Default ``None``.
+        jacobian_penalty: a `JacobianPenalty`, computed in training. Default ``None``.
         eval_tol_factor: in eval mode (``model.eval()``) the tolerances are multiplied by
             this. Default ``1.0`` (same accuracy as training).
         eval_max_steps: in eval mode, a fixed step budget. Reaching it is the point of a
@@ -275,7 +277,7 @@ class DEQ(InfiniteTimeNeuralODE):
         f: the layer, called ``f(z, x)``, returning a tensor shaped like ``z``.
         initializer: default ``'zeros'``; ``'skip_reg'`` or ``SkipInitializer(predictor)``
             for the Skip variants.
-        All other keywords as :class:`InfiniteTimeNeuralODE`.
+        **kwargs: every other keyword of `InfiniteTimeNeuralODE`.
     """
 
     def __init__(self, f: Callable[[Tensor, Tensor], Tensor], solver="tsit5", *, initializer="zeros", **kwargs):

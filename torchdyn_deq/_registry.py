@@ -24,7 +24,7 @@ def _names(options) -> str:
 
 
 def make_solver(solver: Union[str, nn.Module, SteadyStateSolver], **ode_options) -> SteadyStateSolver:
-    """A solver name, a torchdyn stepper instance or a :class:`SteadyStateSolver`."""
+    """A solver name, a torchdyn stepper instance or a `SteadyStateSolver`."""
     if isinstance(solver, SteadyStateSolver):
         return solver
     if isinstance(solver, str):
@@ -63,7 +63,7 @@ def make_sensitivity(sensitivity: Union[str, Sensitivity], rtol_adjoint: float, 
 
 
 def make_initializer(initializer: Union[str, Initializer]) -> Initializer:
-    """``'zeros'``, ``'input'``, ``'skip_reg'``, or an :class:`Initializer` (``SkipInitializer(predictor)``)."""
+    """``'zeros'``, ``'input'``, ``'skip_reg'``, or an `Initializer` (``SkipInitializer(predictor)``)."""
     if isinstance(initializer, Initializer):
         return initializer
     if initializer in INITIALIZERS:

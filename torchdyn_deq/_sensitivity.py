@@ -45,7 +45,7 @@ class SteadyStateSensitivity(Sensitivity):
     is kept for the backward pass.
 
     Args:
-        linear_solver: a :class:`LinearSolver`. Default ``GMRES()`` (restarted GMRES,
+        linear_solver: a `LinearSolver`. Default ``GMRES()`` (restarted GMRES,
             ``rtol=1e-5``): it converges on any non-singular system, which the
             Neumann series does not.
         on_failure: ``'warn'`` (default) or ``'raise'`` when the linear solve does not reach
