@@ -12,7 +12,7 @@ from typing import List, Sequence
 
 import torch
 
-from ._steady_state import SteadyStateSolver, _Counter, _Progress, scaled_residual
+from ._steady_state import SteadyStateSolver, _Counter, _Progress, _wide, first_step_guess, rms, scaled_residual
 
 
 def adams_bashforth_weights(nodes: Sequence[float], h: float) -> List[float]:
@@ -79,9 +79,9 @@ class VCAB3(SteadyStateSolver):
             return progress.finish(z, z0, residual, t, f.n, 0, 0, "converged")
         satol = max(atol * self.step_tol_factor, self.min_step_tol)
         srtol = max(rtol * self.step_tol_factor, self.min_step_tol)
-        d1 = float((k.detach() / (satol + srtol * z.detach().abs())).pow(2).mean().sqrt())
-        dt = min(self.max_step, (0.01 / max(d1, 1e-15)) ** 0.5)  # Hairer's guess for order 1
+        dt = first_step_guess(k, z, satol, srtol, 1, self.max_step)
         times, evals = [t], [k]  # newest first
+        cap = self.max_step
         accepted = rejected = 0
         reason = "max_steps"
         while accepted + rejected < max_steps:
@@ -91,8 +91,7 @@ class VCAB3(SteadyStateSolver):
             if len(evals) > 1:
                 w_low = adams_bashforth_weights(nodes[:-1], dt) + [0.0]
                 err = _combine(torch.zeros_like(z), [wi - wl for wi, wl in zip(w, w_low)], evals)
-                scale = satol + srtol * torch.max(z.detach().abs(), z_new.detach().abs())
-                ratio = float((err.detach() / scale).pow(2).mean().sqrt())
+                ratio = rms(_wide(err) / (satol + srtol * torch.max(_wide(z).abs(), _wide(z_new).abs())))
                 if ratio != ratio or ratio == float("inf"):
                     progress.update(torch.tensor([ratio]), f.n, f"during step {accepted + rejected} at t={t:.4g}")
                 factor = min(self.max_factor, max(0.2, 0.9 * max(ratio, 1e-10) ** (-1.0 / len(evals))))
@@ -111,5 +110,6 @@ class VCAB3(SteadyStateSolver):
             if progress.update(residual, f.n, f"at step {accepted + rejected}, t={t:.4g}"):
                 reason = "converged"
                 break
-            dt = min(dt * factor, self.max_step)
+            cap = progress.step_cap(cap, dt)
+            dt = min(dt * factor, cap)
         return progress.finish(z, z0, residual, t, f.n, accepted, rejected, reason)

@@ -54,8 +54,8 @@ class InfiniteTimeNeuralODE(NeuralODE):
         solver: ``'tsit5'`` (default), ``'dopri5'``, fixed-step ``'euler'``/``'midpoint'``/``'rk4'``
             (step 1.0), the discrete ``'anderson'``/``'broyden'``/``'fixed_point'``, a torchdyn
             stepper instance, or a `SteadyStateSolver`.
-        atol: absolute steady-state tolerance. Default ``1e-3`` (``NeuralODE``'s).
-        rtol: relative steady-state tolerance. Default ``1e-3`` (``NeuralODE``'s).
+        atol: absolute steady-state tolerance, positive. Default ``1e-3`` (``NeuralODE``'s).
+        rtol: relative steady-state tolerance, non-negative. Default ``1e-3`` (``NeuralODE``'s).
         sensitivity: ``'steady_state'`` (default, implicit), ``'autograd'`` (backprop through
             the solver), or a `Sensitivity` instance.
         atol_adjoint: absolute tolerance of the backward GMRES solve when
@@ -68,7 +68,8 @@ class InfiniteTimeNeuralODE(NeuralODE):
             initializers). Default: the input's.
         max_steps: bound on solver steps (accepted + rejected) or iterations. Default ``100``.
         on_failure: ``'warn'`` (default) or ``'raise'`` when a solve does not converge.
-        jacobian_penalty: a `JacobianPenalty`, computed in training. Default ``None``.
+        jacobian_penalty: a `JacobianPenalty`, computed in training mode when gradients
+            are enabled. Default ``None``.
         eval_tol_factor: in eval mode (``model.eval()``) the tolerances are multiplied by
             this. Default ``1.0`` (same accuracy as training).
         eval_max_steps: in eval mode, a fixed step budget. Reaching it is the point of a
@@ -94,8 +95,9 @@ class InfiniteTimeNeuralODE(NeuralODE):
                 raise ValueError(f"{name}={value!r} is not supported by InfiniteTimeNeuralODE: it belongs to "
                                  "finite-time integration; the steady state needs none of it")
         atol, rtol = _check_tolerance("atol", atol), _check_tolerance("rtol", rtol)
-        if atol == 0 and rtol == 0:
-            raise ValueError("atol and rtol are both 0: no steady state can satisfy a zero tolerance")
+        if atol == 0:
+            raise ValueError("atol must be positive: with atol=0 the test |dz/dt| <= rtol |z| cannot be met "
+                             "where a component of z is 0 (the DEQ start z0 = 0); rtol=0 is allowed")
         for name, value in (("max_steps", max_steps), ("eval_max_steps", 1 if eval_max_steps is None else eval_max_steps)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -112,6 +114,9 @@ class InfiniteTimeNeuralODE(NeuralODE):
             super().__init__(_standardize(vector_field), solver=steady_solver, atol=atol, rtol=rtol,
                              sensitivity=sens, atol_adjoint=atol_adjoint, rtol_adjoint=rtol_adjoint,
                              return_t_eval=return_t_eval, optimizable_params=optimizable_params)
+        # torchdyn keeps torch.cat(parameters) for its adjoint, a non-leaf tensor that blocks
+        # copy.deepcopy; we never use it
+        self.vf_params = self.vf_params.detach()
         self.initializer = init
         self.state_shape = None if state_shape is None else tuple(int(s) for s in state_shape)
         self.max_steps, self.on_failure, self.jacobian_penalty = max_steps, on_failure, jacobian_penalty
@@ -223,10 +228,21 @@ class InfiniteTimeNeuralODE(NeuralODE):
                 if implicit:
                     sol.z_star = self.sensitivity.attach(gz, z_leaf, sol)
                 sol.skip_loss = self.initializer.aux_loss(z_leaf.detach() + gz, z0)
-                if self.jacobian_penalty is not None:
+                if self.jacobian_penalty is not None and self.training:
                     sol.jacobian_loss = self.jacobian_penalty(gz, z_leaf)
         self.solution = sol
+        for module in self._controlled():  # keep the data, not the graph: copies and pickles work
+            module._control = module._control.detach()
         return sol
+
+    def _controlled(self):
+        return [m for _, m in self.vf.named_modules() if getattr(m, "_control", None) is not None]
+
+    def __getstate__(self):
+        """Pickles and deep copies leave out the last solution record (it holds the graph of
+        the last forward pass)."""
+        state = super().__getstate__()
+        return {**state, "solution": None}
 
     def _report(self, sol: SteadyStateSolution) -> None:
         open_ = int((sol.residual > 1).sum())
@@ -262,7 +278,10 @@ class DEQVectorField(nn.Module):
         self._control: Optional[Tensor] = None
 
     def forward(self, t: Tensor, z: Tensor, args=None) -> Tensor:
-        return self.f(z, self._control) - z
+        fz = self.f(z, self._control)
+        if not isinstance(fz, Tensor):
+            raise TypeError(f"the DEQ layer f returned {type(fz).__name__}: f(z, x) must return a tensor shaped like z")
+        return fz - z
 
 
 class DEQ(InfiniteTimeNeuralODE):

@@ -141,7 +141,9 @@ class AndersonAcceleration(RootSolver):
             kkt = torch.cat([top, torch.cat([ones, gram], dim=2)], dim=1)
             rhs = torch.zeros(z.shape[0], used + 1, 1, dtype=z.dtype, device=z.device)
             rhs[:, 0] = 1
-            alpha = torch.linalg.solve(kkt, rhs)[:, 1:, 0]
+            # in float32 at least: no half-precision LU on the CPU, and it is tiny
+            work = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype  # keeps the graph
+            alpha = torch.linalg.solve(kkt.to(work), rhs.to(work))[:, 1:, 0].to(z.dtype)
             z = self.mixing * torch.bmm(alpha[:, None], Fs)[:, 0]
             if self.mixing < 1:
                 z = z + (1 - self.mixing) * torch.bmm(alpha[:, None], Xs)[:, 0]

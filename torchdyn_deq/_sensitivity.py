@@ -73,12 +73,14 @@ class SteadyStateSensitivity(Sensitivity):
     def solve_adjoint(self, gz: Tensor, z_leaf: Tensor, v: Tensor, record: SteadyStateSolution) -> Tensor:
         """Solve ``(dg/dz)^T w = -v`` at the steady state; returns ``w`` shaped like ``v``."""
         batch, shape = v.shape[0], v.shape
+        # half-precision states: the Krylov arithmetic in float32 (no half triangular solve on CPU)
+        work = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
 
         def matvec(u: Tensor) -> Tensor:  # -(dg/dz)^T u: I - J_f^T for a DEQ, as the Neumann series needs
-            (vjp,) = torch.autograd.grad(gz, z_leaf, u.view(shape), retain_graph=True, allow_unused=True)
-            return torch.zeros_like(u) if vjp is None else -vjp.reshape(batch, -1)
+            (vjp,) = torch.autograd.grad(gz, z_leaf, u.view(shape).to(gz.dtype), retain_graph=True, allow_unused=True)
+            return torch.zeros_like(u) if vjp is None else -vjp.reshape(batch, -1).to(work)
 
-        w, info = self.linear_solver.solve(matvec, v.reshape(batch, -1))
+        w, info = self.linear_solver.solve(matvec, v.reshape(batch, -1).to(work))
         record.backward_iters, record.backward_residual = info.iters, info.residual
         if not info.converged:
             report_failure(
@@ -87,7 +89,7 @@ class SteadyStateSensitivity(Sensitivity):
                 "max_iters, loosen rtol, solve the forward pass more tightly, or add Jacobian regularization",
                 self.on_failure,
             )
-        return w.view(shape)
+        return w.view(shape).to(v.dtype)
 
 
 class _ImplicitBackward(torch.autograd.Function):

@@ -43,8 +43,8 @@ class SteadyStateSolution:
     Attributes:
         z_star: the steady state, shape ``(batch, *state)``.
         z0: the starting state the solver was given.
-        residual: per-sample scaled residual ``rms(g(z*) / (atol + rtol |z*|))``
-            (continuous) or ``rms(g(z*)) / (atol + rtol rms(z*))`` (discrete); ``<= 1`` means converged.
+        residual: per-sample scaled residual ``rms(g(z*) / (atol + rtol |z*|))``, continuous and
+            discrete solvers alike; ``<= 1`` means converged.
         t: the time reached (continuous solvers) or the number of iterations (discrete solvers).
         nfe: vector-field evaluations of the forward pass: the initializer's (one for Skip
             Reg.'s ``f(0, x)``) and the solver's. The one extra evaluation at ``z*`` with

@@ -23,10 +23,27 @@ from ._solution import NonFiniteError, SteadyStateSolution
 VectorField = Callable[[Tensor, Tensor], Tensor]
 
 
+def _wide(x: Tensor) -> Tensor:
+    """``x`` detached, in at least float32: norms of half-precision tensors overflow."""
+    x = x.detach()
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def rms(x: Tensor) -> float:
+    """Root mean square of a whole tensor, as a Python float (one synchronisation)."""
+    return float(torch.linalg.vector_norm(_wide(x)) / max(x.numel(), 1) ** 0.5)
+
+
 def scaled_residual(dz: Tensor, z: Tensor, atol: float, rtol: float) -> Tensor:
-    """Per-sample ``rms(dz / (atol + rtol |z|))``; shape ``(batch,)``."""
-    scaled = (dz.detach() / (atol + rtol * z.detach().abs())).reshape(dz.shape[0], -1)
+    """Per-sample ``rms(dz / (atol + rtol |z|))``; shape ``(batch,)``, at least float32."""
+    scaled = (_wide(dz) / (atol + rtol * _wide(z).abs())).reshape(dz.shape[0], -1)
     return torch.linalg.vector_norm(scaled, dim=1) / scaled.shape[1] ** 0.5
+
+
+def first_step_guess(k1: Tensor, z: Tensor, atol: float, rtol: float, order: int, max_step: float) -> float:
+    """``min(max_step, (0.01 / rms(k1 / (atol + rtol |z|)))^(1/(order+1)))``."""
+    d1 = max(rms(_wide(k1) / (atol + rtol * _wide(z).abs())), 1e-15)
+    return min(max_step, (0.01 / d1) ** (1.0 / (order + 1)))
 
 
 class _Counter:
@@ -46,9 +63,18 @@ class _Progress:
     def __init__(self, batch: int, device):
         self.nfe_per_sample = torch.zeros(batch, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.worst = self.previous_worst = math.inf
+
+    def step_cap(self, cap: float, dt: float) -> float:
+        """Halve the step cap when an accepted step taken at the cap made the worst residual
+        grow: the step left the solver's stability region (near a steady state the error
+        estimate, proportional to the residual, is too small to notice at tight tolerances).
+        Growth after a smaller step is the dynamics' own transient and leaves the cap alone."""
+        return cap * 0.5 if dt >= cap and self.worst > self.previous_worst else cap
 
     def update(self, residual: Tensor, nfe: int, where: Union[str, Callable[[], str]]) -> bool:
         worst = float(residual.max())  # one synchronisation per step; NaN propagates
+        self.previous_worst, self.worst = self.worst, worst
         if not math.isfinite(worst):
             raise NonFiniteError(
                 f"non-finite values appeared {where() if callable(where) else where}: the vector field produced NaN/inf, or the "
@@ -92,7 +118,9 @@ class ODESteadyStateSolver(SteadyStateSolver):
     against the stall of a steady-state loop whose step tolerance equals its stop
     tolerance: near z* the error estimate shrinks with the residual, the step grows
     to the edge of the stepper's stability region and the residual then hovers just
-    above the stop tolerance.
+    above the stop tolerance. A third guard: an accepted step that makes the worst
+    residual grow, when taken at the cap, halves the cap (an eigenvalue of ``dg/dz`` outside
+    the stability region at ``max_step`` otherwise stalled tsit5 at tight tolerances).
 
     Args:
         stepper: a torchdyn solver name (default ``'tsit5'``), built for each state dtype
@@ -142,12 +170,11 @@ class ODESteadyStateSolver(SteadyStateSolver):
             self._stepper_of[dtype] = str_to_solver(self.stepper, dtype)
         return self._stepper_of[dtype]
 
-    def _first_step(self, k1: Tensor, z: Tensor, atol: float, rtol: float, order: int) -> Tensor:
+    def _first_step(self, k1: Tensor, z: Tensor, atol: float, rtol: float, order: int) -> float:
         """Hairer's step-size guess ``(0.01 / ||k1 / scale||)^(1/(order+1))`` without its
         ``||z0||`` bound, which is zero for the DEQ start ``z0 = 0`` and would force a first
         step of 1e-4 (five wasted steps of step-size growth); no extra evaluation."""
-        d1 = (k1.detach() / (atol + rtol * z.detach().abs())).pow(2).mean().sqrt().clamp_min(1e-15)
-        return torch.clamp((0.01 / d1) ** (1.0 / (order + 1)), max=self.max_step)
+        return first_step_guess(k1, z, atol, rtol, order, self.max_step)
 
     @staticmethod
     def _step_factor(ratio: float, safety: float, min_factor: float, max_factor: float, order: int) -> float:
@@ -174,20 +201,20 @@ class ODESteadyStateSolver(SteadyStateSolver):
             return progress.finish(z, z0, residual, t, f.n, 0, 0, "converged")
         satol = max(atol * self.step_tol_factor, self.min_step_tol)
         srtol = max(rtol * self.step_tol_factor, self.min_step_tol)
-        dt = float(self._first_step(k1, z, satol, srtol, stepper.order)) if adaptive else self.step_size
+        dt = self._first_step(k1, z, satol, srtol, stepper.order) if adaptive else self.step_size
         if adaptive:  # read once: each tensor-to-float conversion is a synchronisation
             control = tuple(float(getattr(stepper, k)) for k in ("safety", "min_factor", "max_factor")) + (stepper.order,)
         rows, z_out, res_out = None, z, residual  # rows: the samples still stepped (None: all)
+        cap = self.max_step if adaptive else self.step_size
         reason = "max_steps"
         while accepted + rejected < max_steps:
             out = stepper.step(f, z, t, dt, k1=k1)
             k_new, z_new, err = out[0], out[1], out[2]
             if adaptive:
-                scaled = err.detach() / (satol + srtol * torch.max(z.detach().abs(), z_new.detach().abs()))
-                ratio = float(scaled.pow(2).mean().sqrt())  # the step's one synchronisation
+                ratio = rms(_wide(err) / (satol + srtol * torch.max(_wide(z).abs(), _wide(z_new).abs())))
                 if not math.isfinite(ratio):
                     progress.update(torch.tensor([ratio]), f.n, lambda: f"during step {accepted + rejected} at t={float(t):.4g}")
-                next_dt = min(dt * self._step_factor(ratio, *control), self.max_step)
+                next_dt = min(dt * self._step_factor(ratio, *control), cap)
                 if ratio > 1:
                     rejected += 1
                     dt = next_dt
@@ -195,7 +222,7 @@ class ODESteadyStateSolver(SteadyStateSolver):
             else:
                 next_dt = dt
                 k_new = f(t + dt, z_new)
-            t, z, k1, dt = t + dt, z_new, k_new, next_dt
+            t, z, k1, taken, dt = t + dt, z_new, k_new, dt, next_dt
             accepted += 1
             residual = scaled_residual(k1, z, atol, rtol)
             if rows is None:
@@ -205,6 +232,8 @@ class ODESteadyStateSolver(SteadyStateSolver):
             if progress.update(res_out, f.n, lambda: f"at step {accepted + rejected}, t={float(t):.4g}"):
                 reason = "converged"
                 break
+            cap = progress.step_cap(cap, taken)
+            dt = min(dt, cap)
             if restrict is not None and bool((residual <= 1).any()):
                 keep = (residual > 1).nonzero()[:, 0]
                 rows = keep if rows is None else rows[keep]
