@@ -9,6 +9,9 @@ from ._root_solvers import AndersonAcceleration, BroydenSolver, FixedPointIterat
 from ._sensitivity import AutogradSensitivity, Sensitivity, SteadyStateSensitivity
 from ._solution import ConvergenceError, ConvergenceWarning, NonFiniteError, SteadyStateSolution
 from ._steady_state import ODESteadyStateSolver, SteadyStateSolver, scaled_residual
+from . import multiscale
+from .multiscale import (MDEQClassifier, MDEQLayer, MultiscaleNeuralODE, MultiscaleState, mdeq_large,
+                         mdeq_small)
 
 __version__ = "0.1.0"
 
@@ -21,5 +24,6 @@ __all__ = [
     "Initializer", "ZerosInitializer", "InputInitializer", "SkipInitializer", "SkipRegInitializer",
     "JacobianPenalty", "spectral_radius",
     "SteadyStateSolution", "ConvergenceWarning", "ConvergenceError", "NonFiniteError",
+    "multiscale", "MultiscaleState", "MDEQLayer", "MDEQClassifier", "MultiscaleNeuralODE", "mdeq_small", "mdeq_large",
     "__version__",
 ]
