@@ -98,6 +98,9 @@ def method_builders(tol: float) -> Dict[str, Tuple[Callable[[nn.Module], nn.Modu
         "DEQ continuous skip_reg (tsit5, per-sample)": (
             lambda f: td.DEQ(f, solver=td.ODESteadyStateSolver("tsit5", per_sample=True), atol=tol, rtol=tol,
                              initializer=td.SkipRegInitializer(LAMBDA_SKIP)), "GMRES iters"),
+        "DEQ continuous skip_reg (tsit5, Neumann backward)": (
+            lambda f: td.DEQ(f, atol=tol, rtol=tol, initializer=td.SkipRegInitializer(LAMBDA_SKIP),
+                             sensitivity=td.SteadyStateSensitivity(td.FixedPointSolver())), "Neumann iters"),
         "DEQ continuous vanilla (vcab3)": (lambda f: td.DEQ(f, solver="vcab3", atol=tol, rtol=tol), "GMRES iters"),
         "DEQ continuous skip_reg (vcab3)": (lambda f: td.DEQ(f, solver="vcab3", atol=tol, rtol=tol,
                                                              initializer=td.SkipRegInitializer(LAMBDA_SKIP)),

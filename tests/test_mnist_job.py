@@ -77,6 +77,7 @@ def test_step_benchmark_smoke(tmp_path):
     assert out.returncode == 0, out.stderr
     methods = ["DEQ continuous vanilla (tsit5)", "DEQ continuous skip (tsit5)", "DEQ continuous skip_reg (tsit5)",
                "DEQ continuous vanilla (tsit5, per-sample)", "DEQ continuous skip_reg (tsit5, per-sample)",
+               "DEQ continuous skip_reg (tsit5, Neumann backward)",
                "DEQ continuous vanilla (vcab3)", "DEQ continuous skip_reg (vcab3)", "DEQ discrete vanilla (anderson)", "NeuralODE (adjoint)", "NeuralODE (autograd)",
                "torchdeq DEQ (anderson, IFT)"]
     assert "| Method | fwd (ms) | bwd (ms) | step (ms) |" in out.stdout
@@ -93,4 +94,4 @@ def test_step_benchmark_smoke(tmp_path):
     for name in methods:
         row = by_name[name]
         assert row["steps_measured"] == 3 and row["forward_f_evals"] >= 1 and row["step_s"] > 0
-    assert (tmp_path / "mnist_step.md").read_text().count("| DEQ ") == 8
+    assert (tmp_path / "mnist_step.md").read_text().count("| DEQ ") == 9
