@@ -47,7 +47,7 @@ def _max_diff(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("solver", ["tsit5", "anderson"])
+@pytest.mark.parametrize("solver", ["tsit5", "anderson", "multiscale"])
 def test_ddp_two_processes_match_single_process(solver, tmp_path):
     torch.set_num_threads(1)
     proc = subprocess.run([sys.executable, str(WORKER), solver, str(tmp_path)], cwd=REPO,
@@ -60,6 +60,9 @@ def test_ddp_two_processes_match_single_process(solver, tmp_path):
 
     # the replicas stay identical (gradients all-reduced), whatever each rank's NFE
     assert _max_diff(ranks[0]["params"], ranks[1]["params"]) == 0.0
+    # the solution statistics logged with sync_dist=True are the mean over the ranks
+    last = (ranks[0]["nfe"][-1] + ranks[1]["nfe"][-1]) / 2
+    assert ranks[0]["logged_nfe"] == ranks[1]["logged_nfe"] == pytest.approx(last)
 
     exact, nfe_micro = _single_process(solver, micro_batches=True)
     global_batch, _ = _single_process(solver, micro_batches=False)
@@ -70,7 +73,8 @@ def test_ddp_two_processes_match_single_process(solver, tmp_path):
     print(f"\n[{solver}] rank NFE per step: {ranks[0]['nfe']} / {ranks[1]['nfe']}; "
           f"max |param DDP - single process|: {diff_global:.3g} (batch 2B), {diff_exact:.3g} (micro-batches)")
     assert diff_exact <= 1e-12
-    assert diff_global <= 1e-7
+    if solver != "multiscale":  # capped multiscale solves end wherever the cap stops them
+        assert diff_global <= 1e-7
 
     # training moved the parameters (the comparison is not vacuous)
     torch.manual_seed(0)
