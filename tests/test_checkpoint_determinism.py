@@ -7,7 +7,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchdyn_deq as td

@@ -29,13 +29,14 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from pytorch_lightning.loggers import CSVLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchdyn.core import NeuralODE
 
 import torchdyn_deq as td
+from torchdyn_deq.experiments.cli import comma_separated, positive
+from torchdyn_deq.experiments.lightning import LitClassifier
 
 N_PIXELS, HIDDEN, N_CLASSES = 784, 128, 10
 LAMBDA_SKIP, LAMBDA_JAC = 0.01, 1.0
@@ -185,42 +186,12 @@ class MNISTNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------- training
-class LitMNIST(pl.LightningModule):
-    """Lightning wrapper: cross-entropy plus the DEQ's auxiliary losses, Adam, the wall time of
-    each training backward pass (Lightning's backward hooks), and the test measurements
-    (accuracy, NFE per batch, wall time of each test forward pass)."""
+class LitMNIST(LitClassifier):
+    """`LitClassifier` with Adam at a constant learning rate (the paper's MNIST recipe)."""
 
     def __init__(self, net: MNISTNet, lr: float):
-        super().__init__()
-        self.net, self.lr = net, lr
-        self.test_correct, self.test_seen = 0, 0
-        self.test_nfe: List[int] = []
-        self.predict_times: List[float] = []
-        self.backward_times: List[float] = []
-        self._backward_start = 0.0
-
-    def training_step(self, batch: Tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        pixels, labels = batch
-        loss = F.cross_entropy(self.net(pixels), labels) + self.net.aux_loss()
-        self.log("loss", loss, prog_bar=True)
-        self.log("nfe", float(self.net.forward_nfe()), prog_bar=True)
-        return loss
-
-    def on_before_backward(self, loss: Tensor) -> None:
-        self._backward_start = time.perf_counter()
-
-    def on_after_backward(self) -> None:
-        self.backward_times.append(time.perf_counter() - self._backward_start)
-        self.log_dict(self.net.backward_stats())
-
-    def test_step(self, batch: Tuple[Tensor, Tensor], batch_idx: int) -> None:
-        pixels, labels = batch
-        start = time.perf_counter()
-        logits = self.net(pixels)
-        self.predict_times.append(time.perf_counter() - start)
-        self.test_nfe.append(self.net.forward_nfe())
-        self.test_correct += int((logits.argmax(dim=1) == labels).sum())
-        self.test_seen += len(labels)
+        super().__init__(net)
+        self.lr = lr
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
@@ -347,40 +318,18 @@ def write_results(rows: Sequence[dict], args: argparse.Namespace) -> str:
 
 
 # ---------------------------------------------------------------------------- command line
-def _choice_list(valid: Sequence[str]) -> Callable[[str], List[str]]:
-    def parse(text: str) -> List[str]:
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        unknown = [item for item in items if item not in valid]
-        if unknown or not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(valid)}; got {text!r}")
-        return list(dict.fromkeys(items))
-    return parse
-
-
-def _positive(kind: type) -> Callable[[str], float]:
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
         prog="torchdyn-deq-mnist", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n")[-1].replace("``", ""),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--variants", type=_choice_list(DEQ_VARIANTS), default=",".join(DEQ_VARIANTS),
+    parser.add_argument("--variants", type=comma_separated(DEQ_VARIANTS), default=",".join(DEQ_VARIANTS),
                         help="DEQ variants, comma-separated: vanilla (z0 = 0), skip (z0 = predictor(x)), "
                              "skip_reg (z0 = f(0, x), no extra network)")
-    parser.add_argument("--forms", type=_choice_list(tuple(FORMS)), default="continuous",
+    parser.add_argument("--forms", type=comma_separated(tuple(FORMS)), default="continuous",
                         help="continuous (tsit5 to the steady state) and/or discrete (Anderson acceleration)")
-    parser.add_argument("--jacobian", type=_choice_list(("no", "yes")), default="no,yes",
+    parser.add_argument("--jacobian", type=comma_separated(("no", "yes")), default="no,yes",
                         help=f"train without and/or with Jacobian regularization (lambda_jac = {LAMBDA_JAC})")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also train the torchdyn NeuralODE baseline (t in [0, 1], adjoint)")
@@ -389,20 +338,20 @@ def build_parser() -> argparse.ArgumentParser:
                              "torchvision: the full MNIST in --data-dir (downloaded there if absent)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="existing directory for --data torchvision")
-    parser.add_argument("--epochs", type=_positive(int), default=1,
+    parser.add_argument("--epochs", type=positive(int), default=1,
                         help="training epochs per variant (the paper used 25)")
-    parser.add_argument("--batch-size", type=_positive(int), default=32, help="batch size (train and test)")
-    parser.add_argument("--lr", type=_positive(float), default=1e-3, help="Adam learning rate")
-    parser.add_argument("--tol", type=_positive(float), default=5e-3,
+    parser.add_argument("--batch-size", type=positive(int), default=32, help="batch size (train and test)")
+    parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
+    parser.add_argument("--tol", type=positive(float), default=5e-3,
                         help="atol = rtol of the steady-state solve (and of the Neural ODE's solver)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/mnist"),
                         help="where results.md, results.json, ratios.png and the CSV logs go")
-    parser.add_argument("--limit-train-batches", type=_positive(int), default=None,
+    parser.add_argument("--limit-train-batches", type=positive(int), default=None,
                         help="train on at most this many batches per epoch (smoke tests)")
-    parser.add_argument("--limit-test-batches", type=_positive(int), default=None,
+    parser.add_argument("--limit-test-batches", type=positive(int), default=None,
                         help="test on at most this many batches (smoke tests)")
-    parser.add_argument("--threads", type=_positive(int), default=None,
+    parser.add_argument("--threads", type=positive(int), default=None,
                         help="torch.set_num_threads (default: torch's choice); 1 avoids the large slowdowns "
                              "of multi-threaded small ops when other processes share the cores")
     parser.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bar")
