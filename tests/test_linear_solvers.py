@@ -11,6 +11,7 @@ def batched_system(batch=4, n=12, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("solver", [td.GMRES(rtol=1e-12), td.GMRES(rtol=1e-12, restart=3),
+                                    td.GMRES(rtol=1e-12, reorthogonalize=False),
                                     td.FixedPointSolver(rtol=1e-12, max_iters=500), td.DirectSolver()])
 def test_matches_dense_solve(solver):
     A, b, matvec = batched_system()

@@ -78,13 +78,16 @@ class GMRES(LinearSolver):
         atol: absolute tolerance, for cotangents that are exactly zero. Default ``1e-10``.
         restart: Krylov subspace size before a restart. Default ``20``.
         max_iters: total matvecs allowed. Default ``200``.
+        reorthogonalize: a second Gram-Schmidt pass per iteration ("twice is enough"), which
+            keeps the basis orthogonal to round-off. Default ``True``.
     """
 
-    def __init__(self, rtol: float = 1e-5, atol: float = 1e-10, restart: int = 20, max_iters: int = 200):
+    def __init__(self, rtol: float = 1e-5, atol: float = 1e-10, restart: int = 20, max_iters: int = 200,
+                 reorthogonalize: bool = True):
         super().__init__(rtol, atol, max_iters)
         if not isinstance(restart, int) or restart < 1:
             raise ValueError(f"restart must be a positive integer, got {restart!r}")
-        self.restart = restart
+        self.restart, self.reorthogonalize = restart, bool(reorthogonalize)
 
     def solve(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None):
         bnorm, tol = self._targets(b)
@@ -110,11 +113,13 @@ class GMRES(LinearSolver):
                 V = basis[:, : j + 1]
                 h = (V * w[:, None]).sum(-1)
                 w = w - (V * h[..., None]).sum(1)
-                h2 = (V * w[:, None]).sum(-1)  # second pass keeps the basis orthogonal
-                w = w - (V * h2[..., None]).sum(1)
+                if self.reorthogonalize:
+                    h2 = (V * w[:, None]).sum(-1)
+                    w = w - (V * h2[..., None]).sum(1)
+                    h = h + h2
                 hn = _norm(w)
                 basis[:, j + 1] = w / hn.clamp_min(tiny)[:, None]
-                col = (Q[:, : j + 1, : j + 1] * (h + h2)[:, None]).sum(-1)  # earlier rotations
+                col = (Q[:, : j + 1, : j + 1] * h[:, None]).sum(-1)  # earlier rotations
                 denom = torch.hypot(col[:, j], hn)
                 inv = 1 / denom.clamp_min(tiny)  # denom = 0 only after a breakdown: rotation 0
                 cs, sn = col[:, j] * inv, hn * inv
