@@ -165,7 +165,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
         # with the module scan done once per solve instead of once per evaluation
         defunc, field = self.vf, self.vf.vf
         timed = [m for _, m in field.named_modules() if hasattr(m, "t")]
-        controlled = [m for _, m in field.named_modules() if getattr(m, "_control", None) is not None]
+        controlled = self._controlled()
 
         def g(t: Tensor, z: Tensor) -> Tensor:
             defunc.nfe += 1
@@ -235,7 +235,8 @@ class InfiniteTimeNeuralODE(NeuralODE):
             module._control = module._control.detach()
         return sol
 
-    def _controlled(self):
+    def _controlled(self) -> list:
+        """Modules holding an injected input (torchdyn's ``DataControl``, ``DEQVectorField``)."""
         return [m for _, m in self.vf.named_modules() if getattr(m, "_control", None) is not None]
 
     def __getstate__(self):

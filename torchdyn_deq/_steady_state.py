@@ -170,12 +170,6 @@ class ODESteadyStateSolver(SteadyStateSolver):
             self._stepper_of[dtype] = str_to_solver(self.stepper, dtype)
         return self._stepper_of[dtype]
 
-    def _first_step(self, k1: Tensor, z: Tensor, atol: float, rtol: float, order: int) -> float:
-        """Hairer's step-size guess ``(0.01 / ||k1 / scale||)^(1/(order+1))`` without its
-        ``||z0||`` bound, which is zero for the DEQ start ``z0 = 0`` and would force a first
-        step of 1e-4 (five wasted steps of step-size growth); no extra evaluation."""
-        return first_step_guess(k1, z, atol, rtol, order, self.max_step)
-
     @staticmethod
     def _step_factor(ratio: float, safety: float, min_factor: float, max_factor: float, order: int) -> float:
         """torchdyn's ``adapt_step`` rule, on Python floats: ``safety * ratio^(-1/order)``
@@ -201,7 +195,9 @@ class ODESteadyStateSolver(SteadyStateSolver):
             return progress.finish(z, z0, residual, t, f.n, 0, 0, "converged")
         satol = max(atol * self.step_tol_factor, self.min_step_tol)
         srtol = max(rtol * self.step_tol_factor, self.min_step_tol)
-        dt = self._first_step(k1, z, satol, srtol, stepper.order) if adaptive else self.step_size
+        # Hairer's guess without its ||z0|| bound: zero for the DEQ start z0 = 0, where it forced
+        # a first step of 1e-4 and five wasted steps of growth
+        dt = first_step_guess(k1, z, satol, srtol, stepper.order, self.max_step) if adaptive else self.step_size
         if adaptive:  # read once: each tensor-to-float conversion is a synchronisation
             control = tuple(float(getattr(stepper, k)) for k in ("safety", "min_factor", "max_factor")) + (stepper.order,)
         rows, z_out, res_out = None, z, residual  # rows: the samples still stepped (None: all)
