@@ -1,4 +1,5 @@
 """InfiniteTimeNeuralODE as a drop-in for torchdyn's NeuralODE, Lightning loop included."""
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -45,7 +46,8 @@ def vector_field():
     return Field()
 
 
-def train(model, epochs=4):
+def train(model, epochs=4, data_seed=0):
+    np.random.seed(data_seed)  # ToyDataset draws from numpy's global generator
     X, y = ToyDataset().generate(n_samples=256, dataset_type="moons", noise=0.1)
     loader = DataLoader(TensorDataset(X, y), batch_size=64, shuffle=True)
     learner = Learner(model, torch.linspace(0, 1, 2))
@@ -55,13 +57,17 @@ def train(model, epochs=4):
     return learner.losses
 
 
-def test_lightning_loop_runs_unchanged_and_learns():
+# data seeds 2 and 3 train a field whose steady states are stable foci: the residual of a stable
+# step can grow there, and a step cap halved on every such growth collapsed (no convergence)
+@pytest.mark.parametrize("data_seed", [0, 2, 3])
+def test_lightning_loop_runs_unchanged_and_learns(data_seed):
     torch.manual_seed(0)
-    baseline = train(NeuralODE(vector_field(), solver="tsit5", sensitivity="adjoint", atol=1e-3, rtol=1e-3), epochs=1)
+    baseline = train(NeuralODE(vector_field(), solver="tsit5", sensitivity="adjoint", atol=1e-3, rtol=1e-3), epochs=1,
+                     data_seed=data_seed)
     assert len(baseline) == 4  # the same Learner, written for NeuralODE, runs ...
     torch.manual_seed(0)
     model = td.InfiniteTimeNeuralODE(vector_field(), solver="tsit5", atol=1e-3, rtol=1e-3)
-    losses = train(model)  # ... and unchanged with the infinite-time model
+    losses = train(model, data_seed=data_seed)  # ... and unchanged with the infinite-time model
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
     assert model.solution.converged and model.solution.backward_iters > 0
 

@@ -63,18 +63,27 @@ class _Progress:
     def __init__(self, batch: int, device):
         self.nfe_per_sample = torch.zeros(batch, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.worst = self.previous_worst = math.inf
+        self.worst = self.best = math.inf
+        self.stale = 0
 
     def step_cap(self, cap: float, dt: float) -> float:
-        """Halve the step cap when an accepted step taken at the cap made the worst residual
-        grow: the step left the solver's stability region (near a steady state the error
-        estimate, proportional to the residual, is too small to notice at tight tolerances).
-        Growth after a smaller step is the dynamics' own transient and leaves the cap alone."""
-        return cap * 0.5 if dt >= cap and self.worst > self.previous_worst else cap
+        """Halve the step cap after three steps taken at the cap without a new lowest worst
+        residual: the step has left the solver's stability region and the residual hovers
+        (near a steady state the error estimate, proportional to the residual, is too small
+        to notice at tight tolerances). A single growing step is not the sign: around a stable
+        focus the residual of a stable step can grow, and halving on it collapsed the cap."""
+        if self.worst < self.best:
+            self.best, self.stale = self.worst, 0
+        elif dt >= cap:
+            self.stale += 1
+            if self.stale >= 3:
+                self.stale = 0
+                return cap * 0.5
+        return cap
 
     def update(self, residual: Tensor, nfe: int, where: Union[str, Callable[[], str]]) -> bool:
         worst = float(residual.max())  # one synchronisation per step; NaN propagates
-        self.previous_worst, self.worst = self.worst, worst
+        self.worst = worst
         if not math.isfinite(worst):
             raise NonFiniteError(
                 f"non-finite values appeared {where() if callable(where) else where}: the vector field produced NaN/inf, or the "
@@ -119,8 +128,9 @@ class ODESteadyStateSolver(SteadyStateSolver):
     tolerance: near z* the error estimate shrinks with the residual, the step grows
     to the edge of the stepper's stability region and the residual then hovers just
     above the stop tolerance. A third guard: an accepted step that makes the worst
-    residual grow, when taken at the cap, halves the cap (an eigenvalue of ``dg/dz`` outside
-    the stability region at ``max_step`` otherwise stalled tsit5 at tight tolerances).
+    residual, three steps taken at the cap without a new lowest residual halve the cap (an
+    eigenvalue of ``dg/dz`` outside the stability region at ``max_step`` otherwise stalled
+    tsit5 at tight tolerances).
 
     Args:
         stepper: a torchdyn solver name (default ``'tsit5'``), built for each state dtype
