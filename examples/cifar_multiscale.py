@@ -27,7 +27,6 @@ import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
@@ -40,6 +39,7 @@ import torchdyn_deq as td
 from torchdyn_deq.experiments.cli import comma_separated, positive
 from torchdyn_deq.experiments.lightning import LitClassifier
 from torchdyn_deq.experiments.mnist import machine_info
+from torchdyn_deq.experiments.reporting import plot_time_ratios
 from torchdyn_deq.multiscale import FORMS, VARIANTS, MDEQClassifier, mdeq_large, mdeq_small
 
 LR, LR_MIN, WEIGHT_DECAY, LAMBDA_SKIP, TOL = 1e-3, 1e-6, 2.5e-6, 0.01, 0.05
@@ -175,26 +175,10 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 def plot_ratios(rows: Sequence[dict], path: Path, title: str) -> None:
     """Training-step, backward and prediction times relative to the Neural ODE (or the first row)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     reference = next((r for r in rows if r["form"] == "neural_ode"), rows[0])
     others = [r for r in rows if r is not reference] or [reference]
-    positions = np.arange(len(others))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(others)), 4.5))
     bars = (("step_time_s", "training step"), ("backward_time_s", "backward pass"), ("predict_time_s", "prediction"))
-    for offset, (key, name) in zip((-0.27, 0.0, 0.27), bars):
-        ax.bar(positions + offset, [r[key] / reference[key] for r in others], width=0.27, label=name)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(positions, [f"{r['model']}\n{r['form']}" for r in others], fontsize=8)
-    ax.set_ylabel(f"time relative to {reference['model']} ({reference['form']})")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_time_ratios(reference, others, [f"{r['model']}\n{r['form']}" for r in others], bars, title, path)
 
 
 def run_training(args: argparse.Namespace) -> str:

@@ -37,6 +37,7 @@ from torchdyn.core import NeuralODE
 import torchdyn_deq as td
 from torchdyn_deq.experiments.cli import comma_separated, positive
 from torchdyn_deq.experiments.lightning import LitClassifier
+from torchdyn_deq.experiments.reporting import plot_time_ratios
 
 N_PIXELS, HIDDEN, N_CLASSES = 784, 128, 10
 LAMBDA_SKIP, LAMBDA_JAC = 0.01, 1.0
@@ -280,27 +281,11 @@ def markdown_table(rows: Sequence[dict]) -> str:
 def plot_ratios(rows: Sequence[dict], path: Path) -> None:
     """Bar chart of training-, backward- and prediction-time ratios against the Neural ODE (or,
     without the baseline, the first row), as in the paper's Figure 1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     reference = next((r for r in rows if r["variant"] == "neural_ode"), rows[0])
     others = [r for r in rows if r is not reference] or [reference]
     labels = [f"{r['model']}\n{r['form']}{' + Jac.' if r['jacobian'] else ''}" for r in others]
-    positions = np.arange(len(others))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(others)), 4.5))
     bars = (("train_time_s", "training time"), ("backward_time_s", "backward pass"), ("predict_time_s", "prediction"))
-    for offset, (key, name) in zip((-0.27, 0.0, 0.27), bars):
-        ax.bar(positions + offset, [r[key] / reference[key] for r in others], width=0.27, label=name)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(positions, labels, fontsize=8)
-    ax.set_ylabel(f"time relative to {reference['model']} ({reference['form']})")
-    ax.set_title("MNIST: relative timings (lower is better)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_time_ratios(reference, others, labels, bars, "MNIST: relative timings (lower is better)", path)
 
 
 def write_results(rows: Sequence[dict], args: argparse.Namespace) -> str:
