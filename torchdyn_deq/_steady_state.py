@@ -130,7 +130,8 @@ class ODESteadyStateSolver(SteadyStateSolver):
     above the stop tolerance. A third guard: an accepted step that makes the worst
     residual, three steps taken at the cap without a new lowest residual halve the cap (an
     eigenvalue of ``dg/dz`` outside the stability region at ``max_step`` otherwise stalled
-    tsit5 at tight tolerances).
+    tsit5 at tight tolerances); for fixed-step steppers the cap is ``step_size``, so
+    their step is halved the same way.
 
     Args:
         stepper: a torchdyn solver name (default ``'tsit5'``), built for each state dtype
