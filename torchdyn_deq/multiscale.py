@@ -445,11 +445,14 @@ class MDEQClassifier(nn.Module):
         return sol.nfe if sol is not None else self.core.forward_nfe
 
     def backward_stats(self) -> Dict[str, float]:
-        """After a backward pass: the DEQ's linear-solve iterations, or the adjoint's NFE."""
+        """After a backward pass: the DEQ's linear-solve iterations and relative residual, or the
+        adjoint's NFE."""
         sol = self.solution
         if sol is None:
             return {"backward_nfe": float(self.core.backward_nfe())}
-        return {} if sol.backward_iters is None else {"backward_iters": float(sol.backward_iters)}
+        if sol.backward_iters is None:
+            return {}
+        return {"backward_iters": float(sol.backward_iters), "backward_residual": float(sol.backward_residual)}
 
 
 # ---------------------------------------------------------------------------- the model zoo
