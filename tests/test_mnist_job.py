@@ -1,16 +1,34 @@
 """The MNIST experiment CLI (torchdyn_deq.experiments.mnist) and the step benchmark, end to end
 on tiny slices of the data."""
+import importlib.util
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+import torchdyn_deq as td
 from torchdyn_deq.experiments import mnist
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` (not a package) as the module ``name``, as the scripts
+    import each other."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before running it: dataclasses look their module up there
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
 
 
 def test_cli_trains_tests_and_writes_the_table(tmp_path, capsys):
@@ -88,6 +106,7 @@ def test_step_benchmark_smoke(tmp_path):
     results = json.loads((tmp_path / "mnist_step.json").read_text())
     assert results["command"].startswith("python benchmarks/mnist_step.py --smoke")
     assert results["machine"]["torch_threads"] == 1 and "torchdeq" in results["machine"]
+    assert results["machine"]["device"] == "cpu" and ", device cpu, " in (tmp_path / "mnist_step.md").read_text()
     by_name = {r["method"]: r for r in results["rows"]}
     assert by_name["NeuralODE (adjoint)"]["ratio"]["step_s"] == 1.0
     assert by_name["NeuralODE (autograd)"]["backward_count"] is None
@@ -95,3 +114,54 @@ def test_step_benchmark_smoke(tmp_path):
         row = by_name[name]
         assert row["steps_measured"] == 3 and row["forward_f_evals"] >= 1 and row["step_s"] > 0
     assert (tmp_path / "mnist_step.md").read_text().count("| DEQ ") == 9
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+@pytest.mark.parametrize("name", ["mnist_step", "sync_count"])
+def test_benchmarks_refuse_cuda_without_gpu(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _benchmark(name).parse_args(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_sync_count_counts_every_sync_warning(monkeypatch):
+    """The counting wiring, with torch's sync debug mode stood in for: every "called a synchronizing
+    CUDA operation" warning counts (repeats from one line too), convergence warnings apart."""
+    sync_count = _benchmark("sync_count")
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    with sync_count.counting(torch.device("cuda")) as count:
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation (Triggered internally at CUDAFunctions.cpp:1.)")
+        warnings.warn("no steady state", td.ConvergenceWarning)
+        float(torch.ones(()))
+        bool(torch.ones(()))
+    assert modes == ["warn", 0]  # switched on, then back to the previous mode
+    assert count.cuda_syncs == 3 and count.unconverged == 1 and count.other_warnings == []
+    assert count.conversions == {"__float__": 1, "__bool__": 1}
+    assert list(count.sites.values()) == [3] and next(iter(count.sites)).startswith("tests/test_mnist_job.py:")
+    with sync_count.counting(torch.device("cpu")) as count:
+        warnings.warn("called a synchronizing CUDA operation")
+    assert count.cuda_syncs is None and modes == ["warn", 0]
+
+
+@pytest.mark.slow  # about 10 s on 2 idle cores
+def test_sync_count_dry_run_on_cpu(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sync_count.py"), "--device", "cpu",
+                          "--warmup", "1", "--batches", "1", "--out", str(tmp_path / "sync")],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "dry run on the CPU: CUDA syncs are n/a" in out.stdout
+    results = json.loads((tmp_path / "sync.json").read_text())
+    rows = {r["method"]: r for r in results["rows"]}
+    assert list(rows) == ["DEQ continuous vanilla (tsit5)", "DEQ continuous skip_reg (tsit5)",
+                          "DEQ continuous vanilla (vcab3)", "DEQ discrete vanilla (anderson)", "NeuralODE (adjoint)",
+                          "torchdeq DEQ (anderson, IFT)"]
+    for name, row in rows.items():
+        assert row["forward"]["cuda_syncs"] is None and row["forward"]["conversions"] > 0, name
+        assert row["f_evals"] >= 1 and row["backward_steps"] >= 1, name
+    assert rows["DEQ continuous vanilla (tsit5)"]["steps"] >= 1 and rows["NeuralODE (adjoint)"]["steps"] >= 1
+    assert rows["torchdeq DEQ (anderson, IFT)"]["steps"] is None
+    assert (tmp_path / "sync.md").read_text().count("| n/a |") >= 6
