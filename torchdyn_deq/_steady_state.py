@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 from torchdyn.numerics.solvers.ode import SOLVER_DICT, str_to_solver
 
+from ._fused_rk import fused
 from ._solution import NonFiniteError, SteadyStateSolution
 
 VectorField = Callable[[Tensor, Tensor], Tensor]
@@ -136,7 +137,8 @@ class ODESteadyStateSolver(SteadyStateSolver):
     Args:
         stepper: a torchdyn solver name (default ``'tsit5'``), built for each state dtype
             (torchdyn's tableaus are float32 unless asked otherwise, which caps float64
-            accuracy at ~1e-8), or a torchdyn stepper instance, used as it is.
+            accuracy at ~1e-8; tsit5 and dopri5 step through `FusedTableauStepper`, the same
+            tableau in fewer tensor operations), or a torchdyn stepper instance, used as it is.
         step_tol_factor: ratio of step-control to stop tolerance. Default ``0.3`` (measured on
             the paper's MNIST model: 7 steps; 1.0 with an unbounded step stalls for 500 steps).
         max_step: largest time step. Default ``2.0``: inside tsit5's and dopri5's
@@ -178,7 +180,7 @@ class ODESteadyStateSolver(SteadyStateSolver):
         if self._stepper_of is None:
             return self.stepper
         if dtype not in self._stepper_of:
-            self._stepper_of[dtype] = str_to_solver(self.stepper, dtype)
+            self._stepper_of[dtype] = fused(str_to_solver(self.stepper, dtype))
         return self._stepper_of[dtype]
 
     @staticmethod
