@@ -126,11 +126,15 @@ def clock(device: torch.device = CPU) -> float:
     return time.perf_counter()
 
 
-def make_methods(seed: int, lr: float, tol: float, device: torch.device = CPU) -> List[Method]:
-    """One freshly initialized network per method, all from ``seed`` (same encoder, f, classifier),
-    created on the CPU (the same weights on every device) and moved to ``device``."""
+def make_methods(seed: int, lr: float, tol: float, device: torch.device = CPU,
+                 names: Optional[Sequence[str]] = None) -> List[Method]:
+    """One freshly initialized network per method (``names``, default all, in table order), all
+    from ``seed`` (same encoder, f, classifier), created on the CPU (the same weights on every
+    device) and moved to ``device``."""
+    builders = method_builders(tol)
     methods = []
-    for name, (make_layer, unit) in method_builders(tol).items():
+    for name in builders if names is None else names:
+        make_layer, unit = builders[name]
         torch.manual_seed(seed)
         net = MNISTNet(make_layer).to(device)
         methods.append(Method(name, net, torch.optim.Adam(net.parameters(), lr=lr), unit))

@@ -287,15 +287,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     start = time.perf_counter()
-    builders = mnist_step.method_builders(args.tol)
     methods: List[mnist_step.Method] = []
     rows: List[dict] = []
     for name in METHODS:
         try:
-            torch.manual_seed(args.seed)
-            net = mnist_step.MNISTNet(builders[name][0]).to(device)
-            methods.append(mnist_step.Method(name, net, torch.optim.Adam(net.parameters(), lr=args.lr),
-                                             builders[name][1]))
+            methods += mnist_step.make_methods(args.seed, args.lr, args.tol, device, names=[name])
         except Exception as error:  # one model's failure must not hide the others' counts
             rows.append({"method": name, "error": f"build: {type(error).__name__}: {error}"})
             print(f"{name}: build failed:\n{traceback.format_exc()}", file=sys.stderr)
