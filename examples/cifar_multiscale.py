@@ -276,8 +276,9 @@ def benchmark(args: argparse.Namespace) -> dict:
                 m["nfe"].append(m["last_nfe"])
                 m["unconverged"] += m["last_unconverged"]
                 m["residual"].append(m["last_residual"])
-                m["backward_residual"].append(m["last_backward"].get("backward_residual", float("nan")))
-                m["backward_work"].append(next(iter(m["last_backward"].values()), float("nan")))
+                stats = m["last_backward"]
+                m["backward_residual"].append(stats.get("backward_residual", float("nan")))
+                m["backward_work"].append(stats.get("backward_iters", stats.get("backward_nfe", float("nan"))))
                 m["predict"].append(predict(m))
     rows = []
     for m in methods:

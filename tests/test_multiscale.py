@@ -129,6 +129,10 @@ def test_every_form_trains(form, variant):
     assert model.stem.net[0].weight.grad.abs().sum() > 0  # the injected input gets its gradient
     if form != "neural_ode":
         assert model.solution.backward_iters is not None and model.forward_nfe() >= 1
+        stats = model.backward_stats()
+        assert stats == {"backward_iters": float(model.solution.backward_iters),
+                         "backward_residual": float(model.solution.backward_residual)}
+        assert 0 <= stats["backward_residual"] < 1
     else:
         assert model.backward_stats()["backward_nfe"] > 0
 
