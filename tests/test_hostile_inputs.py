@@ -273,3 +273,15 @@ def test_tsit5_reaches_a_tight_tolerance_on_a_contractive_layer():
                    on_failure="raise")
     with torch.no_grad():
         model(x)
+
+
+@pytest.mark.parametrize("solver", [td.VCAB3(), td.ODESteadyStateSolver("tsit5"), td.ODESteadyStateSolver("euler")])
+def test_step_cap_guard_never_underflows_without_a_steady_state(solver):
+    """dz/dt = 1 never settles and its residual never falls: every step at the cap, no new
+    low, so the guard halves the cap every three steps. It stops at max_step / 1024; the
+    cap used to shrink until t + dt == t (VCAB3 then divided by zero in its weights)."""
+    z0 = torch.zeros(2, 3, dtype=torch.float64)
+    sol = solver.solve(lambda t, z: torch.ones_like(z), z0, 1e-3, 0.0, 3000)
+    assert sol.reason == "max_steps" and not sol.converged
+    largest = solver.step_size if getattr(solver, "stepper", None) == "euler" else solver.max_step
+    assert sol.t >= 0.99 * 3000 * largest / 1024

@@ -12,7 +12,8 @@ from typing import List, Sequence
 
 import torch
 
-from ._steady_state import SteadyStateSolver, _Counter, _Progress, _wide, first_step_guess, rms, scaled_residual
+from ._steady_state import (MIN_CAP_FRACTION, SteadyStateSolver, _Counter, _Progress, _wide, first_step_guess, rms,
+                            scaled_residual)
 
 
 def adams_bashforth_weights(nodes: Sequence[float], h: float) -> List[float]:
@@ -71,7 +72,7 @@ class VCAB3(SteadyStateSolver):
 
     def solve(self, f, z0, atol, rtol, max_steps):
         f = _Counter(f)
-        progress = _Progress(z0.shape[0], z0.device)
+        progress = _Progress(z0.shape[0], z0.device, min_cap=self.max_step * MIN_CAP_FRACTION)
         t, z = 0.0, z0
         k = f(torch.zeros((), dtype=z0.dtype, device=z0.device), z)
         residual = scaled_residual(k, z, atol, rtol)

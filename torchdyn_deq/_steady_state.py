@@ -22,6 +22,7 @@ from ._fused_rk import fused
 from ._solution import NonFiniteError, SteadyStateSolution
 
 VectorField = Callable[[Tensor, Tensor], Tensor]
+MIN_CAP_FRACTION = 2.0 ** -10  # the step-cap guard halves the largest step at most ten times
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -61,25 +62,29 @@ class _Counter:
 class _Progress:
     """Per-sample bookkeeping shared by the continuous and discrete solvers."""
 
-    def __init__(self, batch: int, device):
+    def __init__(self, batch: int, device, min_cap: float = 0.0):
         self.nfe_per_sample = torch.zeros(batch, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.worst = self.best = math.inf
-        self.stale = 0
+        self.stale, self.min_cap = 0, min_cap
 
     def step_cap(self, cap: float, dt: float) -> float:
         """Halve the step cap after three steps taken at the cap without a new lowest worst
         residual: the step has left the solver's stability region and the residual hovers
         (near a steady state the error estimate, proportional to the residual, is too small
         to notice at tight tolerances). A single growing step is not the sign: around a stable
-        focus the residual of a stable step can grow, and halving on it collapsed the cap."""
+        focus the residual of a stable step can grow, and halving on it collapsed the cap.
+        After a halving the lowest residual restarts from the current one: the unstable steps
+        raised the residual, and a stable but slowly decaying solve needs more than three
+        steps to fall below the old low (requiring that collapsed the cap to ~1e-5, and then
+        to underflow). Never below ``min_cap``."""
         if self.worst < self.best:
             self.best, self.stale = self.worst, 0
         elif dt >= cap:
             self.stale += 1
-            if self.stale >= 3:
-                self.stale = 0
-                return cap * 0.5
+            if self.stale >= 3 and cap > self.min_cap:
+                self.stale, self.best = 0, self.worst
+                return max(cap * 0.5, self.min_cap)
         return cap
 
     def update(self, residual: Tensor, nfe: int, where: Union[str, Callable[[], str]]) -> bool:
@@ -200,7 +205,8 @@ class ODESteadyStateSolver(SteadyStateSolver):
         adaptive = getattr(stepper, "stepping_class", "fixed") == "adaptive"
         t = torch.zeros((), dtype=z0.dtype, device=z0.device)
         z, _ = stepper.sync_device_dtype(z0, t)
-        progress = _Progress(z0.shape[0], z0.device)
+        cap = self.max_step if adaptive else self.step_size
+        progress = _Progress(z0.shape[0], z0.device, min_cap=cap * MIN_CAP_FRACTION)
         k1 = f(t, z)
         residual = scaled_residual(k1, z, atol, rtol)
         accepted = rejected = 0
@@ -214,7 +220,6 @@ class ODESteadyStateSolver(SteadyStateSolver):
         if adaptive:  # read once: each tensor-to-float conversion is a synchronisation
             control = tuple(float(getattr(stepper, k)) for k in ("safety", "min_factor", "max_factor")) + (stepper.order,)
         rows, z_out, res_out = None, z, residual  # rows: the samples still stepped (None: all)
-        cap = self.max_step if adaptive else self.step_size
         reason = "max_steps"
         while accepted + rejected < max_steps:
             out = stepper.step(f, z, t, dt, k1=k1)
