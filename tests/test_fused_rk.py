@@ -17,7 +17,9 @@ def _field(dtype):
 def test_step_matches_torchdyn(stepper_class):
     f = _field(torch.float64)
     x = torch.randn(4, 6, dtype=torch.float64)
-    ours = FusedTableauStepper(stepper_class(torch.float64)).step(f, x, 0.0, 0.37)
+    fused_stepper = FusedTableauStepper(stepper_class(torch.float64))
+    assert fused_stepper.fsal  # x_new is the last stage's state: no separate b-combination
+    ours = fused_stepper.step(f, x, 0.0, 0.37)
     theirs = stepper_class(torch.float64).step(f, x, 0.0, 0.37)
     for a, b in zip(ours[:3], theirs[:3]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-13)

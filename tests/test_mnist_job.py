@@ -94,9 +94,11 @@ def test_step_benchmark_smoke(tmp_path):
                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr
     methods = ["DEQ continuous vanilla (tsit5)", "DEQ continuous skip (tsit5)", "DEQ continuous skip_reg (tsit5)",
+               "DEQ continuous vanilla (tsit5, backward tol = tol)",
                "DEQ continuous vanilla (tsit5, per-sample)", "DEQ continuous skip_reg (tsit5, per-sample)",
                "DEQ continuous skip_reg (tsit5, Neumann backward)",
-               "DEQ continuous vanilla (vcab3)", "DEQ continuous skip_reg (vcab3)", "DEQ discrete vanilla (anderson)", "NeuralODE (adjoint)", "NeuralODE (autograd)",
+               "DEQ continuous vanilla (vcab3)", "DEQ continuous skip_reg (vcab3)", "DEQ discrete vanilla (anderson)",
+               "NeuralODE (adjoint)", "NeuralODE (adjoint, adjoint tol = tol)", "NeuralODE (autograd)",
                "torchdeq DEQ (anderson, IFT)"]
     assert "| Method | fwd (ms) | bwd (ms) | step (ms) |" in out.stdout
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| Method")]
@@ -113,7 +115,10 @@ def test_step_benchmark_smoke(tmp_path):
     for name in methods:
         row = by_name[name]
         assert row["steps_measured"] == 3 and row["forward_f_evals"] >= 1 and row["step_s"] > 0
-    assert (tmp_path / "mnist_step.md").read_text().count("| DEQ ") == 9
+    assert (tmp_path / "mnist_step.md").read_text().count("| DEQ ") == 10
+    # the paper's backward tolerance: fewer GMRES iterations than the default 1e-5 on the same model
+    assert by_name["DEQ continuous vanilla (tsit5, backward tol = tol)"]["backward_count"] <= \
+        by_name["DEQ continuous vanilla (tsit5)"]["backward_count"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")

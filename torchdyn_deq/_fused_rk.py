@@ -48,6 +48,8 @@ class FusedTableauStepper(nn.Module):
         self.b: List[float] = [float(v) for v in b]
         self.b_err: List[float] = [float(v) for v in b_err]
         self.order, self.stepping_class = stepper.order, stepper.stepping_class
+        # first same as last (tsit5, dopri5): the last stage is evaluated at the new state itself
+        self.fsal = self.a[-1] == self.b[:-1] and self.b[-1] == 0.0 and self.c[-1] == 1.0
 
     def __getattr__(self, name: str):
         if name in ("safety", "min_factor", "max_factor"):  # step-control constants: the wrapped stepper's
@@ -63,8 +65,9 @@ class FusedTableauStepper(nn.Module):
         dt = float(dt)
         ks = [f(t, x) if k1 is None else k1]
         for c, row in zip(self.c, self.a):
-            ks.append(f(t + c * dt, _combine(x, ks, row, dt)))
-        x_new = _combine(x, ks, self.b, dt)
+            stage = _combine(x, ks, row, dt)
+            ks.append(f(t + c * dt, stage))
+        x_new = stage if self.fsal else _combine(x, ks, self.b, dt)
         err = _combine(None, ks, self.b_err, dt)
         return ks[-1], x_new, err, tuple(ks)
 

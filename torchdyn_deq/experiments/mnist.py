@@ -84,14 +84,17 @@ class InjectedVectorField(nn.Module):
 
 class NeuralODELayer(nn.Module):
     """The baseline: ``dz/dt = f(z, x)`` integrated on ``t in [0, 1]`` from ``z0 = 0`` by a
-    torchdyn ``NeuralODE`` (tsit5). Returns ``(t_eval, trajectory)`` like torchdyn, with the
+    torchdyn ``NeuralODE`` (tsit5; adjoint tolerances torchdyn's default 1e-4 unless ``adjoint_tol``). Returns ``(t_eval, trajectory)`` like torchdyn, with the
     injected input stripped from the state. ``forward_nfe`` is the last forward pass's NFE
     and ``backward_nfe()`` the evaluations since (the adjoint's, after a backward pass)."""
 
-    def __init__(self, f: nn.Module, sensitivity: str = "adjoint", tol: float = 5e-3, width: int = HIDDEN):
+    def __init__(self, f: nn.Module, sensitivity: str = "adjoint", tol: float = 5e-3, width: int = HIDDEN,
+                 adjoint_tol: Optional[float] = None):
         super().__init__()
         self.width = width
-        self.ode = NeuralODE(InjectedVectorField(f, width), solver="tsit5", sensitivity=sensitivity, atol=tol, rtol=tol)
+        adjoint = {} if adjoint_tol is None else {"atol_adjoint": adjoint_tol, "rtol_adjoint": adjoint_tol}
+        self.ode = NeuralODE(InjectedVectorField(f, width), solver="tsit5", sensitivity=sensitivity, atol=tol, rtol=tol,
+                             **adjoint)
         self.register_buffer("t_span", torch.linspace(0, 1, 2))
         self.forward_nfe, self._nfe_mark = 0, 0
 
