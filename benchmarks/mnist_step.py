@@ -50,6 +50,8 @@ BASELINE = "NeuralODE (adjoint)"
 # the matching Neural ODE row integrates its adjoint at that tolerance too
 PAPER_BACKWARD = "DEQ continuous vanilla (tsit5, backward tol = tol)"
 MATCHED_ADJOINT = "NeuralODE (adjoint, adjoint tol = tol)"
+# an approximate gradient (no linear solve): labelled as such in the table
+JACOBIAN_FREE = "DEQ continuous vanilla (tsit5, Jacobian-free backward: approximate gradient)"
 Batch = Tuple[Tensor, Tensor]
 CPU = torch.device("cpu")
 
@@ -102,6 +104,7 @@ def method_builders(tol: float) -> Dict[str, Tuple[Callable[[nn.Module], nn.Modu
         "DEQ continuous skip (tsit5)": (lambda f: build_layer(Variant("skip"), f, tol), "GMRES iters"),
         "DEQ continuous skip_reg (tsit5)": (lambda f: build_layer(Variant("skip_reg"), f, tol), "GMRES iters"),
         PAPER_BACKWARD: (lambda f: td.DEQ(f, atol=tol, rtol=tol, atol_adjoint=tol, rtol_adjoint=tol), "GMRES iters"),
+        JACOBIAN_FREE: (lambda f: td.DEQ(f, atol=tol, rtol=tol, sensitivity="jacobian_free"), "n/a (one VJP)"),
         "DEQ continuous vanilla (tsit5, per-sample)": (
             lambda f: td.DEQ(f, solver=td.ODESteadyStateSolver("tsit5", per_sample=True), atol=tol, rtol=tol),
             "GMRES iters"),
@@ -321,6 +324,8 @@ NOTES = """\
   GMRES: this package's default rtol = 1e-5, atol = 1e-10, except the `backward tol = tol` row: rtol = atol = {tol},
   the paper's setting (its code solves the backward GMRES at the forward tolerances). `adjoint tol = tol`: the Neural
   ODE adjoint at atol = rtol = {tol}, the matching baseline for that row.
+- `Jacobian-free backward`: `sensitivity='jacobian_free'`, w = v instead of the implicit solve (Fung et al. 2022; the
+  paper authors' `jfb` mode): one VJP, an approximate gradient, so not a like-for-like timing of the same training.
 """
 
 

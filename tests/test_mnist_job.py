@@ -95,6 +95,7 @@ def test_step_benchmark_smoke(tmp_path):
     assert out.returncode == 0, out.stderr
     methods = ["DEQ continuous vanilla (tsit5)", "DEQ continuous skip (tsit5)", "DEQ continuous skip_reg (tsit5)",
                "DEQ continuous vanilla (tsit5, backward tol = tol)",
+               "DEQ continuous vanilla (tsit5, Jacobian-free backward: approximate gradient)",
                "DEQ continuous vanilla (tsit5, per-sample)", "DEQ continuous skip_reg (tsit5, per-sample)",
                "DEQ continuous skip_reg (tsit5, Neumann backward)",
                "DEQ continuous vanilla (vcab3)", "DEQ continuous skip_reg (vcab3)", "DEQ discrete vanilla (anderson)",
@@ -115,7 +116,7 @@ def test_step_benchmark_smoke(tmp_path):
     for name in methods:
         row = by_name[name]
         assert row["steps_measured"] == 3 and row["forward_f_evals"] >= 1 and row["step_s"] > 0
-    assert (tmp_path / "mnist_step.md").read_text().count("| DEQ ") == 10
+    assert (tmp_path / "mnist_step.md").read_text().count("| DEQ ") == 11
     # the paper's backward tolerance: fewer GMRES iterations than the default 1e-5 on the same model
     assert by_name["DEQ continuous vanilla (tsit5, backward tol = tol)"]["backward_count"] <= \
         by_name["DEQ continuous vanilla (tsit5)"]["backward_count"]

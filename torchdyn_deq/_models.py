@@ -66,7 +66,8 @@ class InfiniteTimeNeuralODE(NeuralODE):
         atol: absolute steady-state tolerance, positive. Default ``1e-3`` (``NeuralODE``'s).
         rtol: relative steady-state tolerance, non-negative. Default ``1e-3`` (``NeuralODE``'s).
         sensitivity: ``'steady_state'`` (default, implicit), ``'autograd'`` (backprop through
-            the solver), or a `Sensitivity` instance.
+            the solver), ``'jacobian_free'`` (approximate: no linear solve, see
+            `JacobianFreeSensitivity`), or a `Sensitivity` instance.
         atol_adjoint: absolute tolerance of the backward GMRES solve when
             ``sensitivity='steady_state'``. Default ``1e-10``.
         rtol_adjoint: its relative tolerance. Default ``1e-5``.

@@ -107,3 +107,25 @@ class _ImplicitBackward(torch.autograd.Function):
     def backward(ctx, v):
         w = ctx.sensitivity.solve_adjoint(ctx.gz, ctx.z_leaf, v, ctx.record)
         return w, None, None, None, None
+
+
+class JacobianFreeSensitivity(Sensitivity):
+    """Jacobian-free backpropagation (``sensitivity='jacobian_free'``): an *approximate*
+    gradient that skips the implicit linear solve.
+
+    The implicit gradient needs ``w = -(dg/dz)^{-T} v``; this takes ``w = v``, exact when
+    ``dg/dz = -I`` (a DEQ whose ``f`` does not depend on ``z`` at ``z*``). For a DEQ,
+    ``g = f - z``, the gradients become ``v^T df/dtheta`` and ``v^T df/dx`` at ``z*``: the
+    gradient of one application of ``f`` to the detached steady state (Fung et al., 2022,
+    "JFB: Jacobian-free backpropagation for implicit networks"; the ``jfb`` mode of the paper
+    authors' DeepEquilibriumNetworks.jl). One VJP per backward pass instead of one per GMRES
+    iteration; the error grows with ``||J_f||``, so training may need a contractive ``f``
+    (Jacobian regularization, Skip Reg.). The forward value is ``z*`` unchanged.
+    """
+
+    implicit = True
+
+    def attach(self, gz: Tensor, z_leaf: Tensor, record: SteadyStateSolution) -> Tensor:
+        """``z*`` in value; in the backward pass the cotangent ``v`` goes into ``g(z*)`` as is
+        (no linear solve: ``record.backward_iters`` stays ``None``)."""
+        return z_leaf.detach() + (gz - gz.detach())
