@@ -107,11 +107,11 @@ def benchmark_figure() -> Path:
             ("predict_s", "prediction"))
     positions = np.arange(len(rows))
     width = 0.2
-    fig, ax = plt.subplots(figsize=(10, 4.2))
+    fig, ax = plt.subplots(figsize=(max(10.0, 1.1 * len(rows)), 4.6))  # room for every label
     for i, (key, name) in enumerate(keys):
         ax.bar(positions + (i - 1.5) * width, [r["ratio"][key] for r in rows], width=width, label=name)
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(positions, [textwrap.fill(r["method"], 16) for r in rows], fontsize=7)
+    ax.set_xticks(positions, [textwrap.fill(r["method"], 15) for r in rows], fontsize=7)
     ax.set_ylabel("time / NeuralODE (adjoint) time")
     ax.set_title("MNIST training step, batch 32, 2-core CPU (lower is better)", fontsize=10)
     ax.legend(fontsize=8)
