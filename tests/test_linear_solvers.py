@@ -57,3 +57,26 @@ def test_bad_options(kwargs, match):
 def test_direct_solver_refuses_large_states():
     with pytest.raises(ValueError, match="max_size"):
         td.DirectSolver(max_size=4).solve(lambda u: u, torch.ones(1, 5))
+
+
+@pytest.mark.parametrize("A, b", [
+    (torch.zeros(2, 3, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)),
+    (torch.diag(torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64))[None], torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)),
+    (torch.tensor([[[0.0, 1.0], [0.0, 0.0]]], dtype=torch.float64), torch.tensor([[0.0, 1.0]], dtype=torch.float64)),
+], ids=["zero", "singular-diagonal", "nilpotent"])
+def test_gmres_reports_a_singular_operator_as_unconverged(A, b):
+    """A zero Hessenberg column (A v = 0 on the Krylov space): the residual cannot fall. A zero
+    Givens rotation there used to drop the estimate to 0 and claim convergence at residual 1."""
+    x, info = td.GMRES(rtol=1e-10, atol=0.0, max_iters=30).solve(lambda u: torch.bmm(A, u[:, :, None])[..., 0], b)
+    true = float(((b - torch.bmm(A, x[:, :, None])[..., 0]).norm(dim=1) / b.norm(dim=1)).max())
+    assert not info.converged and info.residual == pytest.approx(true) and true > 0.5
+
+
+def test_gmres_runs_with_autograd_enabled():
+    """Inputs that require grad (the solve writes into views of its Krylov basis in place): it
+    runs without autograd and returns a solution without a graph."""
+    lin = torch.nn.Linear(5, 5, bias=False).double()
+    b = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    x, info = td.GMRES(rtol=1e-12).solve(lambda u: u - 0.3 * lin(u), b)
+    assert info.converged and not x.requires_grad
+    torch.testing.assert_close(x - 0.3 * lin(x), b.detach())

@@ -117,7 +117,8 @@ def test_step_benchmark_smoke(tmp_path):
         row = by_name[name]
         assert row["steps_measured"] == 3 and row["forward_f_evals"] >= 1 and row["step_s"] > 0
     assert (tmp_path / "mnist_step.md").read_text().count("| DEQ ") == 11
-    # the paper's backward tolerance: fewer GMRES iterations than the default 1e-5 on the same model
+    # the paper's backward tolerance: fewer GMRES iterations than the default 1e-5 (two networks trained
+    # separately from the same seed for two steps: 0.005 against 1e-5 leaves a wide margin)
     assert by_name["DEQ continuous vanilla (tsit5, backward tol = tol)"]["backward_count"] <= \
         by_name["DEQ continuous vanilla (tsit5)"]["backward_count"]
 

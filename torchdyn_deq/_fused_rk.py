@@ -49,7 +49,7 @@ class FusedTableauStepper(nn.Module):
         self.b_err: List[float] = [float(v) for v in b_err]
         self.order, self.stepping_class = stepper.order, stepper.stepping_class
         # first same as last (tsit5, dopri5): the last stage is evaluated at the new state itself
-        self.fsal = self.a[-1] == self.b[:-1] and self.b[-1] == 0.0 and self.c[-1] == 1.0
+        self.fsal = bool(self.a) and self.a[-1] == self.b[:-1] and self.b[-1] == 0.0 and self.c[-1] == 1.0
 
     def __getattr__(self, name: str):
         if name in ("safety", "min_factor", "max_factor"):  # step-control constants: the wrapped stepper's

@@ -80,6 +80,11 @@ class GMRES(LinearSolver):
         max_iters: total matvecs allowed. Default ``200``.
         reorthogonalize: a second Gram-Schmidt pass per iteration ("twice is enough"), which
             keeps the basis orthogonal to round-off. Default ``True``.
+
+    ``solve`` runs without autograd (``matvec`` may still call ``torch.autograd.grad``): the
+    solution carries no graph. An operator that is singular on the Krylov space (a zero
+    Hessenberg column) stalls the residual estimate; the solve then ends at ``max_iters``,
+    reported as not converged with the true residual.
     """
 
     def __init__(self, rtol: float = 1e-5, atol: float = 1e-10, restart: int = 20, max_iters: int = 200,
@@ -89,6 +94,7 @@ class GMRES(LinearSolver):
             raise ValueError(f"restart must be a positive integer, got {restart!r}")
         self.restart, self.reorthogonalize = restart, bool(reorthogonalize)
 
+    @torch.no_grad()  # in-place writes into views of the Krylov basis; the result carries no graph
     def solve(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None):
         bnorm, tol = self._targets(b)
         x = torch.zeros_like(b) if x0 is None else x0.clone()
@@ -127,8 +133,11 @@ class GMRES(LinearSolver):
                 col = torch.bmm(h, Q[:, : j + 1, : j + 1].mT)[:, 0]  # earlier rotations applied to h
                 cj = col[:, j]
                 denom = torch.hypot(cj, hn)
-                inv = denom.clamp_min(tiny).reciprocal()  # denom = 0 only after a breakdown: rotation 0
-                cs, sn = cj * inv, hn * inv
+                # denom = 0: A v_j = 0, the operator is singular on the Krylov space. The rotation is
+                # then the identity and the residual does not fall (a zero rotation claimed convergence)
+                singular = denom <= tiny
+                inv = denom.clamp_min(tiny).reciprocal()
+                cs, sn = torch.where(singular, 1.0, cj * inv), hn * inv
                 col[:, j] = denom
                 r_cols[j][:, : j + 1] = col
                 # the rotation of rows j, j + 1; row j + 1 of Q is still e_{j+1}
@@ -137,7 +146,7 @@ class GMRES(LinearSolver):
                 nxt[:, j + 1] = cs
                 row[:, : j + 1] *= cs[:, None]
                 row[:, j + 1] = sn
-                estimate = estimate * sn  # = beta |Q[j + 1, 0]|: sn >= 0 and |Q[0, 0]| = 1
+                estimate = torch.where(singular, estimate, estimate * sn)  # = beta |Q[j + 1, 0]|: sn >= 0
                 if bool((estimate <= tol).all()):
                     break
             k = j + 1

@@ -80,9 +80,9 @@ class _Progress:
         to underflow). Never below ``min_cap``."""
         if self.worst < self.best:
             self.best, self.stale = self.worst, 0
-        elif dt >= cap:
+        elif dt >= cap and cap > self.min_cap:
             self.stale += 1
-            if self.stale >= 3 and cap > self.min_cap:
+            if self.stale >= 3:
                 self.stale, self.best = 0, self.worst
                 return max(cap * 0.5, self.min_cap)
         return cap

@@ -84,7 +84,8 @@ class InjectedVectorField(nn.Module):
 
 class NeuralODELayer(nn.Module):
     """The baseline: ``dz/dt = f(z, x)`` integrated on ``t in [0, 1]`` from ``z0 = 0`` by a
-    torchdyn ``NeuralODE`` (tsit5; adjoint tolerances torchdyn's default 1e-4 unless ``adjoint_tol``). Returns ``(t_eval, trajectory)`` like torchdyn, with the
+    torchdyn ``NeuralODE`` (tsit5; adjoint tolerances torchdyn's default 1e-4 unless
+    ``adjoint_tol``). Returns ``(t_eval, trajectory)`` like torchdyn, with the
     injected input stripped from the state. ``forward_nfe`` is the last forward pass's NFE
     and ``backward_nfe()`` the evaluations since (the adjoint's, after a backward pass)."""
 
