@@ -285,3 +285,15 @@ def test_step_cap_guard_never_underflows_without_a_steady_state(solver):
     assert sol.reason == "max_steps" and not sol.converged
     largest = solver.step_size if getattr(solver, "stepper", None) == "euler" else solver.max_step
     assert sol.t >= 0.99 * 3000 * largest / 1024
+
+
+@pytest.mark.parametrize("lam, tol", [(3.0, 1e-8), (6.0, 1e-6), (6.0, 1e-10)])
+def test_tsit5_does_not_stall_below_max_step_on_a_stiff_field(lam, tol):
+    """dz/dt = -lam (z - 1): tsit5 is stable for lam dt < ~3.5, below max_step = 2. With the
+    step tolerance floored at 1e-6 the error control let the step hover at that boundary
+    (3000 steps, 643 rejected, residual stuck at 1e2-1e4); the guard now caps the step at
+    half the largest step of a stalled stretch."""
+    sol = td.ODESteadyStateSolver("tsit5").solve(lambda t, z: -lam * (z - 1.0), torch.zeros(2, 3, dtype=torch.float64),
+                                                 tol, tol, 200)
+    assert sol.converged and sol.steps_accepted + sol.steps_rejected < 60
+    torch.testing.assert_close(sol.z_star, torch.ones(2, 3, dtype=torch.float64), rtol=0, atol=20 * tol)

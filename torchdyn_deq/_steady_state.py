@@ -66,25 +66,29 @@ class _Progress:
         self.nfe_per_sample = torch.zeros(batch, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.worst = self.best = math.inf
-        self.stale, self.min_cap = 0, min_cap
+        self.stale, self.stale_dt, self.min_cap = 0, 0.0, min_cap
 
     def step_cap(self, cap: float, dt: float) -> float:
-        """Halve the step cap after three steps taken at the cap without a new lowest worst
-        residual: the step has left the solver's stability region and the residual hovers
-        (near a steady state the error estimate, proportional to the residual, is too small
-        to notice at tight tolerances). A single growing step is not the sign: around a stable
-        focus the residual of a stable step can grow, and halving on it collapsed the cap.
-        After a halving the lowest residual restarts from the current one: the unstable steps
-        raised the residual, and a stable but slowly decaying solve needs more than three
-        steps to fall below the old low (requiring that collapsed the cap to ~1e-5, and then
-        to underflow). Never below ``min_cap``."""
+        """After three accepted steps without a new lowest worst residual, cap the step at half
+        the largest of them: the step has left the solver's stability region and the residual
+        hovers (near a steady state the error estimate, proportional to the residual, is too
+        small to notice at tight tolerances; with the step tolerance floored at ``min_step_tol``
+        a stiff field hovered at its stability boundary below ``max_step``, 643 rejections in
+        3000 steps). A single growing step is not the sign: around a stable focus the residual
+        of a stable step can grow, and halving on it collapsed the cap. After a halving the
+        lowest residual restarts from the current one: the unstable steps raised the residual,
+        and a stable but slowly decaying solve needs more than three steps to fall below the
+        old low (requiring that collapsed the cap to ~1e-5, and then to underflow). Never
+        below ``min_cap``."""
         if self.worst < self.best:
-            self.best, self.stale = self.worst, 0
-        elif dt >= cap and cap > self.min_cap:
+            self.best, self.stale, self.stale_dt = self.worst, 0, 0.0
+        elif cap > self.min_cap:
             self.stale += 1
+            self.stale_dt = max(self.stale_dt, dt)
             if self.stale >= 3:
-                self.stale, self.best = 0, self.worst
-                return max(cap * 0.5, self.min_cap)
+                self.stale, self.best, largest = 0, self.worst, self.stale_dt
+                self.stale_dt = 0.0
+                return max(min(cap, largest) * 0.5, self.min_cap)
         return cap
 
     def update(self, residual: Tensor, nfe: int, where: Union[str, Callable[[], str]]) -> bool:
@@ -133,11 +137,11 @@ class ODESteadyStateSolver(SteadyStateSolver):
     against the stall of a steady-state loop whose step tolerance equals its stop
     tolerance: near z* the error estimate shrinks with the residual, the step grows
     to the edge of the stepper's stability region and the residual then hovers just
-    above the stop tolerance. A third guard: an accepted step that makes the worst
-    residual, three steps taken at the cap without a new lowest residual halve the cap (an
-    eigenvalue of ``dg/dz`` outside the stability region at ``max_step`` otherwise stalled
-    tsit5 at tight tolerances); for fixed-step steppers the cap is ``step_size``, so
-    their step is halved the same way.
+    above the stop tolerance. A third guard: three accepted steps without a new lowest worst
+    residual cap the step at half the largest of them (an eigenvalue of ``dg/dz`` outside the
+    stability region otherwise stalled tsit5 at tight tolerances, at ``max_step`` or, for a
+    stiff field, below it); for fixed-step steppers the cap is ``step_size``, so their step is
+    halved the same way.
 
     Args:
         stepper: a torchdyn solver name (default ``'tsit5'``), built for each state dtype
