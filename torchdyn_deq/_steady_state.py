@@ -22,7 +22,7 @@ from ._fused_rk import fused
 from ._solution import NonFiniteError, SteadyStateSolution
 
 VectorField = Callable[[Tensor, Tensor], Tensor]
-MIN_CAP_FRACTION = 2.0 ** -10  # the step-cap guard halves the largest step at most ten times
+MIN_CAP_FRACTION = 2.0 ** -10  # the step-cap guard never caps the step below max_step / 1024
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -70,24 +70,22 @@ class _Progress:
 
     def step_cap(self, cap: float, dt: float) -> float:
         """After three accepted steps without a new lowest worst residual, cap the step at half
-        the largest of them: the step has left the solver's stability region and the residual
-        hovers (near a steady state the error estimate, proportional to the residual, is too
-        small to notice at tight tolerances; with the step tolerance floored at ``min_step_tol``
-        a stiff field hovered at its stability boundary below ``max_step``, 643 rejections in
-        3000 steps). A single growing step is not the sign: around a stable focus the residual
-        of a stable step can grow, and halving on it collapsed the cap. After a halving the
-        lowest residual restarts from the current one: the unstable steps raised the residual,
-        and a stable but slowly decaying solve needs more than three steps to fall below the
-        old low (requiring that collapsed the cap to ~1e-5, and then to underflow). Never
-        below ``min_cap``."""
+        the largest of them (never below ``min_cap``): the steps have left the solver's
+        stability region and the residual hovers, at ``max_step`` or, for a stiff field whose
+        step tolerance is floored at ``min_step_tol``, below it (near a steady state the error
+        estimate, proportional to the residual, is too small to notice). A single growing step
+        is not the sign: around a stable focus a stable step's residual can grow. After a cut
+        the lowest residual restarts from the current one: the unstable steps raised it, and a
+        stable but slowly decaying solve needs more than three steps to fall below the old low
+        (requiring that collapsed the cap until it underflowed)."""
         if self.worst < self.best:
             self.best, self.stale, self.stale_dt = self.worst, 0, 0.0
         elif cap > self.min_cap:
             self.stale += 1
             self.stale_dt = max(self.stale_dt, dt)
             if self.stale >= 3:
-                self.stale, self.best, largest = 0, self.worst, self.stale_dt
-                self.stale_dt = 0.0
+                largest = self.stale_dt
+                self.stale, self.stale_dt, self.best = 0, 0.0, self.worst
                 return max(min(cap, largest) * 0.5, self.min_cap)
         return cap
 
