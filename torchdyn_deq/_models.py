@@ -242,9 +242,10 @@ class InfiniteTimeNeuralODE(NeuralODE):
         if needs_grad and (implicit or has_aux):
             z_leaf = sol.z_star.detach().requires_grad_()
             with torch.enable_grad():
-                gz = g(torch.as_tensor(sol.t, dtype=x.dtype, device=x.device), z_leaf)
+                t_star = torch.as_tensor(sol.t, dtype=x.dtype, device=x.device)
+                gz = g(t_star, z_leaf)
                 if implicit:
-                    sol.z_star = self.sensitivity.attach(gz, z_leaf, sol)
+                    sol.z_star = self.sensitivity.attach(gz, z_leaf, sol, lambda z: g(t_star, z))
                 sol.skip_loss = self.initializer.aux_loss(z_leaf.detach() + gz, z0)
                 if self.jacobian_penalty is not None and self.training:
                     sol.jacobian_loss = self.jacobian_penalty(gz, z_leaf)

@@ -1,7 +1,7 @@
 """How gradients reach the parameters and the input through the steady state."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -13,9 +13,20 @@ from ._solution import SteadyStateSolution, check_failure_mode, report_failure
 
 class Sensitivity:
     """Base class. ``implicit`` sensitivities run the forward solve without autograd and
-    attach gradients at the steady state; the others backpropagate through the solve."""
+    attach gradients at the steady state with ``attach(gz, z_leaf, record, field)``; the
+    others backpropagate through the solve.
+
+    ``attach`` receives ``gz = g(z_leaf)`` computed with autograd, the detached steady state
+    ``z_leaf`` (requires grad), the solve's record, and ``field(z) = g(t*, z)``, the vector
+    field with gradients enabled (for sensitivities that evaluate it again, such as phantom
+    gradients); it returns a tensor equal to ``z*`` whose backward pass is the sensitivity's.
+    """
 
     implicit: bool = False
+
+    def attach(self, gz: Tensor, z_leaf: Tensor, record: SteadyStateSolution,
+               field: Callable[[Tensor], Tensor]) -> Tensor:
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -62,7 +73,8 @@ class SteadyStateSensitivity(Sensitivity):
         self.linear_solver = linear_solver
         self.on_failure = check_failure_mode(on_failure)
 
-    def attach(self, gz: Tensor, z_leaf: Tensor, record: SteadyStateSolution) -> Tensor:
+    def attach(self, gz: Tensor, z_leaf: Tensor, record: SteadyStateSolution,
+               field: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
         """Return a tensor equal to ``z_leaf`` whose backward pass is the implicit solve.
 
         ``gz = g(z_leaf)`` must have been computed with autograd enabled, ``z_leaf`` a
@@ -125,7 +137,8 @@ class JacobianFreeSensitivity(Sensitivity):
 
     implicit = True
 
-    def attach(self, gz: Tensor, z_leaf: Tensor, record: SteadyStateSolution) -> Tensor:
+    def attach(self, gz: Tensor, z_leaf: Tensor, record: SteadyStateSolution,
+               field: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
         """``z*`` in value; in the backward pass the cotangent ``v`` goes into ``g(z*)`` as is
         (no linear solve: ``record.backward_iters`` stays ``None``)."""
         return z_leaf.detach() + (gz - gz.detach())
