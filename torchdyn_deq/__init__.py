@@ -1,14 +1,16 @@
 """Continuous Deep Equilibrium Models (infinite-time Neural ODEs) for torchdyn."""
-from ._adams import VCAB3, adams_bashforth_weights
 from ._initializers import (Initializer, InputInitializer, SkipInitializer, SkipRegInitializer,
                             ZerosInitializer)
 from ._linear_solvers import GMRES, DirectSolver, FixedPointSolver, LinearSolveInfo, LinearSolver
 from ._models import DEQ, DEQVectorField, InfiniteTimeNeuralODE
 from ._regularizers import JacobianPenalty, spectral_radius
-from ._root_solvers import AndersonAcceleration, BroydenSolver, FixedPointIteration, RootSolver
+from ._loop import SteadyStateSolver, scaled_residual, steady_state_solve
+from ._ode import VCAB3, ODESteadyStateSolver, Tableau, adams_bashforth_weights
+from ._root import AndersonAcceleration, BroydenSolver, FixedPointIteration, RootSolver
 from ._sensitivity import AutogradSensitivity, JacobianFreeSensitivity, Sensitivity, SteadyStateSensitivity
-from ._solution import ConvergenceError, ConvergenceWarning, NonFiniteError, SteadyStateSolution
-from ._steady_state import ODESteadyStateSolver, SteadyStateSolver, scaled_residual
+from ._solution import (ConvergenceError, ConvergenceWarning, NonFiniteError, Result, SolveOptions,
+                        SteadyStateSolution)
+from ._step_control import StabilityRegion, StepController
 from . import multiscale
 from .multiscale import (MDEQClassifier, MDEQLayer, MultiscaleNeuralODE, MultiscaleState, mdeq_large,
                          mdeq_small)
@@ -17,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "InfiniteTimeNeuralODE", "DEQ", "DEQVectorField",
+    "steady_state_solve", "SolveOptions", "Result", "StepController", "StabilityRegion", "Tableau",
     "SteadyStateSolver", "ODESteadyStateSolver", "VCAB3", "adams_bashforth_weights", "RootSolver", "FixedPointIteration",
     "AndersonAcceleration", "BroydenSolver", "scaled_residual",
     "Sensitivity", "SteadyStateSensitivity", "AutogradSensitivity", "JacobianFreeSensitivity",

@@ -12,18 +12,13 @@ from torch import Tensor
 from torchdyn.core import NeuralODE
 from torchdyn.core.defunc import DEFuncBase
 
+from ._checks import non_negative_float, optional, positive_float, positive_int
 from ._initializers import Initializer
+from ._loop import SteadyStateSolver, steady_state_solve
 from ._regularizers import JacobianPenalty
 from ._registry import make_initializer, make_sensitivity, make_solver
 from ._sensitivity import Sensitivity
-from ._solution import SteadyStateSolution, check_failure_mode, report_failure
-from ._steady_state import SteadyStateSolver
-
-
-def _check_tolerance(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
-    return float(value)
+from ._solution import SolveOptions, SteadyStateSolution, check_failure_mode, report_failure
 
 
 def _standardize(vector_field):
@@ -104,21 +99,18 @@ class InfiniteTimeNeuralODE(NeuralODE):
             if value != default:
                 raise ValueError(f"{name}={value!r} is not supported by InfiniteTimeNeuralODE: it belongs to "
                                  "finite-time integration; the steady state needs none of it")
-        atol, rtol = _check_tolerance("atol", atol), _check_tolerance("rtol", rtol)
+        atol, rtol = non_negative_float("atol", atol), non_negative_float("rtol", rtol)
         if atol == 0:
             raise ValueError("atol must be positive: with atol=0 the test |dz/dt| <= rtol |z| cannot be met "
                              "where a component of z is 0 (the DEQ start z0 = 0); rtol=0 is allowed")
-        for name, value in (("max_steps", max_steps), ("eval_max_steps", 1 if eval_max_steps is None else eval_max_steps)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(eval_tol_factor, bool) or not isinstance(eval_tol_factor, (int, float)) or not 0 < eval_tol_factor < float("inf"):
-            raise ValueError(f"eval_tol_factor must be a positive finite number, got {eval_tol_factor!r}")
+        max_steps, eval_max_steps = positive_int("max_steps", max_steps), optional(positive_int, "eval_max_steps", eval_max_steps)
+        eval_tol_factor = positive_float("eval_tol_factor", eval_tol_factor)
         if jacobian_penalty is not None and not isinstance(jacobian_penalty, JacobianPenalty):
             raise TypeError(f"jacobian_penalty must be a JacobianPenalty or None, got {jacobian_penalty!r}")
         on_failure = check_failure_mode(on_failure)
         steady_solver = make_solver(solver)
-        sens = make_sensitivity(sensitivity, _check_tolerance("rtol_adjoint", rtol_adjoint),
-                                _check_tolerance("atol_adjoint", atol_adjoint), on_failure)
+        sens = make_sensitivity(sensitivity, non_negative_float("rtol_adjoint", rtol_adjoint),
+                                non_negative_float("atol_adjoint", atol_adjoint), on_failure)
         init = make_initializer(initializer)
         with contextlib.redirect_stdout(io.StringIO()):  # torchdyn prints about parameter-less fields
             super().__init__(_standardize(vector_field), solver=steady_solver, atol=atol, rtol=rtol,
@@ -158,16 +150,15 @@ class InfiniteTimeNeuralODE(NeuralODE):
         if len(save_at):
             raise ValueError("save_at is not supported: the solve runs to a steady state, not to fixed times")
         x, t_span = self._prep_integration(x, t_span)
-        sol = self._solve(x, {} if args is None else args)
-        t_eval = torch.stack([t_span[0], t_span[0] + sol.t])
-        trajectory = torch.stack([sol.z0.to(sol.z_star.dtype), sol.z_star])
+        z0, z_star = self._solve(x, {} if args is None else args)
+        t_eval = torch.stack([t_span[0], t_span[0] + self.solution.t])
+        trajectory = torch.stack([z0.to(z_star.dtype), z_star])
         return (t_eval, trajectory) if self.return_t_eval else trajectory
 
     def trajectory(self, x: Tensor, t_span: Optional[Tensor] = None) -> Tensor:
         """The states at ``[t0, t_reached]``: ``[z0, z*]``."""
         x, t_span = self._prep_integration(x, t_span)
-        sol = self._solve(x, {})
-        return torch.stack([sol.z0, sol.z_star])
+        return torch.stack(self._solve(x, {}))
 
     # ---------------------------------------------------------------- the solve
     def _vector_field(self, args: dict) -> Callable[[Tensor, Tensor], Tensor]:
@@ -211,48 +202,48 @@ class InfiniteTimeNeuralODE(NeuralODE):
         g.on_rows, g.calls = on_rows, 0
         return g
 
-    def _solve(self, x: Tensor, args: dict) -> SteadyStateSolution:
+    def _solve(self, x: Tensor, args: dict) -> Tuple[Tensor, Tensor]:
         g = self._vector_field(args)
         try:
             return self._solve_with(g, x)
         finally:
             self.vf.nfe += g.calls
 
-    def _solve_with(self, g: Callable[[Tensor, Tensor], Tensor], x: Tensor) -> SteadyStateSolution:
+    def _options(self) -> SolveOptions:
+        """The stop test and budget of this forward pass: training, or eval mode with its factor and budget."""
+        if self.training:
+            return SolveOptions(self.atol, self.rtol, self.max_steps)
+        budget = self.eval_max_steps is not None
+        return SolveOptions(self.atol * self.eval_tol_factor, self.rtol * self.eval_tol_factor,
+                            self.eval_max_steps if budget else self.max_steps, budget=budget)
+
+    def _solve_with(self, g: Callable[[Tensor, Tensor], Tensor], x: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(z0, z*)``: the start (with its graph, for a Skip predictor) and the steady state
+        with the sensitivity's gradients; the record goes to ``self.solution``."""
         state_shape = self.state_shape or tuple(x.shape[1:])
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         z0 = self.initializer(x, g, state_shape)
-        nfe_init = g.calls  # Skip Reg. evaluates f(0, x)
         implicit = self.sensitivity.implicit or not needs_grad
-        factor = 1.0 if self.training else self.eval_tol_factor
-        budget = self.eval_max_steps if not self.training and self.eval_max_steps is not None else None
-        options = (self.atol * factor, self.rtol * factor, budget or self.max_steps)
-        if implicit:
-            with torch.no_grad():
-                sol = self.solver.solve(g, z0.detach(), *options)
-        else:
-            sol = self.solver.solve(g, z0, *options)
-        sol.z0 = z0
-        sol.nfe, sol.nfe_per_sample = sol.nfe + nfe_init, sol.nfe_per_sample + nfe_init
-        if budget is not None and sol.reason == "max_steps":
-            sol.reason = "budget"
-        elif not sol.converged:
-            self._report(sol)
+        with torch.no_grad() if implicit else contextlib.nullcontext():
+            sol = steady_state_solve(g, z0.detach() if implicit else z0, self.solver, self._options(), nfe_start=g.calls)
+        self.solution = sol
+        if not sol.result.successful:
+            report_failure(sol.message, self.on_failure)
+        z_star = sol.z_star
         has_aux = self.jacobian_penalty is not None or type(self.initializer).aux_loss is not Initializer.aux_loss
         if needs_grad and (implicit or has_aux):
             z_leaf = sol.z_star.detach().requires_grad_()
+            t_star = torch.as_tensor(sol.t, dtype=x.dtype, device=x.device)
             with torch.enable_grad():
-                t_star = torch.as_tensor(sol.t, dtype=x.dtype, device=x.device)
                 gz = g(t_star, z_leaf)
                 if implicit:
-                    sol.z_star = self.sensitivity.attach(gz, z_leaf, sol, lambda z: g(t_star, z))
+                    z_star = self.sensitivity.attach(gz, z_leaf, sol, lambda z: g(t_star, z))
                 sol.skip_loss = self.initializer.aux_loss(z_leaf.detach() + gz, z0)
                 if self.jacobian_penalty is not None and self.training:
                     sol.jacobian_loss = self.jacobian_penalty(gz, z_leaf)
-        self.solution = sol
         for module in self._controlled():  # keep the data, not the graph: copies and pickles work
             module._control = module._control.detach()
-        return sol
+        return z0, z_star
 
     def _controlled(self) -> list:
         """Modules holding an injected input (torchdyn's ``DataControl``, ``DEQVectorField``)."""
@@ -263,17 +254,6 @@ class InfiniteTimeNeuralODE(NeuralODE):
         the last forward pass)."""
         state = super().__getstate__()
         return {**state, "solution": None}
-
-    def _report(self, sol: SteadyStateSolution) -> None:
-        open_ = int((sol.residual > 1).sum())
-        where = f"t={sol.t:.4g}" if self.solver.continuous else f"{int(sol.t)} iterations"
-        report_failure(
-            f"no steady state within max_steps={self.max_steps} ({sol.reason}, {where}, {sol.nfe} NFE): "
-            f"worst scaled residual {float(sol.residual.max()):.3g} (1 = tolerance atol={self.atol:g}, "
-            f"rtol={self.rtol:g}), {open_} of {sol.residual.numel()} samples unconverged. Raise max_steps, loosen "
-            "atol/rtol, or add Jacobian regularization",
-            self.on_failure,
-        )
 
     def aux_loss(self) -> Tensor:
         """The weighted auxiliary losses of the last solve (Skip / Skip Reg., Jacobian penalty)."""
@@ -301,6 +281,11 @@ class DEQVectorField(nn.Module):
         fz = self.f(z, self._control)
         if not isinstance(fz, Tensor):
             raise TypeError(f"the DEQ layer f returned {type(fz).__name__}: f(z, x) must return a tensor shaped like z")
+        if fz.shape != z.shape:  # fz - z would broadcast to a wrong steady state
+            raise ValueError(f"the DEQ layer f returned shape {tuple(fz.shape)} for a state of shape {tuple(z.shape)}; "
+                             "f(z, x) must return a tensor shaped like z (set state_shape= if the state differs from x)")
+        if fz.dtype != z.dtype:
+            raise TypeError(f"the DEQ layer f returned dtype {fz.dtype} for a state of dtype {z.dtype}")
         return fz - z
 
 

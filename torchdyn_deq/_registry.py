@@ -6,12 +6,12 @@ from typing import Union
 import torch.nn as nn
 from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
-from ._adams import VCAB3
 from ._initializers import Initializer, InputInitializer, SkipRegInitializer, ZerosInitializer
 from ._linear_solvers import GMRES
-from ._root_solvers import AndersonAcceleration, BroydenSolver, FixedPointIteration
+from ._loop import SteadyStateSolver
+from ._ode import VCAB3, ODESteadyStateSolver
+from ._root import AndersonAcceleration, BroydenSolver, FixedPointIteration
 from ._sensitivity import AutogradSensitivity, JacobianFreeSensitivity, Sensitivity, SteadyStateSensitivity
-from ._steady_state import ODESteadyStateSolver, SteadyStateSolver
 
 ODE_SOLVERS = ("tsit5", "dopri5", "vcab3", "euler", "midpoint", "rk4")
 ROOT_SOLVERS = {"fixed_point": FixedPointIteration, "anderson": AndersonAcceleration, "broyden": BroydenSolver}

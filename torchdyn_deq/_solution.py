@@ -1,12 +1,15 @@
-"""The solution record of a steady-state solve, and how non-convergence is reported."""
+"""Result codes, the solve options, the solution record, and how failures are reported."""
 from __future__ import annotations
 
+import enum
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from ._checks import boolean, non_negative_float, non_negative_int, one_of, positive_float, positive_int
 
 FAILURE_MODES = ("warn", "raise")
 
@@ -20,13 +23,58 @@ class ConvergenceError(RuntimeError):
 
 
 class NonFiniteError(FloatingPointError):
-    """NaN or inf appeared in the input or during a solve."""
+    """NaN or inf appeared in the input or during a forward or backward solve (always raised)."""
+
+
+class Result(str, enum.Enum):
+    """Why a solve stopped. A ``str`` enum: ``solution.reason == 'converged'`` works.
+
+    ``converged`` and ``budget`` (a step budget used up on purpose, ``eval_max_steps``) are
+    successes; every other code is reported (warning or `ConvergenceError`), with its remedy.
+    """
+
+    converged = "converged"
+    budget = "budget"
+    max_steps = "max_steps"
+    diverged = "diverged"
+    stalled = "stalled"
+    non_finite = "non_finite"
+    breakdown = "breakdown"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def successful(self) -> bool:
+        return self in (Result.converged, Result.budget)
+
+    @property
+    def remedy(self) -> str:
+        """What to change, for the forward solve."""
+        return _REMEDIES[self]
+
+
+_REMEDIES = {
+    Result.converged: "",
+    Result.budget: "",
+    Result.max_steps: "the residual was still falling: raise max_steps, loosen atol/rtol, or start closer "
+                      "(a Skip / Skip Reg. initializer) or make f more contractive (Jacobian regularization)",
+    Result.diverged: "the state grows away from its start: the vector field has no stable steady state for these "
+                     "inputs. A DEQ's f must be contractive near z* (Jacobian regularization, a lower learning rate, "
+                     "weight or spectral normalisation); an InfiniteTimeNeuralODE field needs the form "
+                     "dz/dt = f(z, x) - z. More steps will not help",
+    Result.stalled: "the residual stopped falling: the dynamics circle or oscillate (eigenvalues of dg/dz on or near "
+                    "the imaginary axis) or the iteration cannot make progress. Add damping or Jacobian "
+                    "regularization, or try another solver ('tsit5' for the discrete ones, 'anderson' for the "
+                    "continuous ones)",
+    Result.non_finite: "check the input, lower the learning rate, or add Jacobian regularization",
+    Result.breakdown: "the linear operator is singular on the Krylov space: the steady state is not isolated "
+                      "(dg/dz is singular there); add Jacobian regularization",
+}
 
 
 def check_failure_mode(on_failure: str) -> str:
-    if on_failure not in FAILURE_MODES:
-        raise ValueError(f"on_failure={on_failure!r} is not one of {FAILURE_MODES}")
-    return on_failure
+    return one_of("on_failure", on_failure, FAILURE_MODES)
 
 
 def report_failure(message: str, on_failure: str) -> None:
@@ -36,25 +84,57 @@ def report_failure(message: str, on_failure: str) -> None:
     warnings.warn(message, ConvergenceWarning, stacklevel=3)
 
 
+@dataclass(frozen=True)
+class SolveOptions:
+    """What one forward solve is asked to do.
+
+    Args:
+        atol, rtol: the stop test, per sample: ``rms(g(z) / (atol + rtol |z|)) <= 1``.
+            ``atol > 0``: with ``atol = 0`` the test cannot be met where a component of ``z`` is 0.
+        max_steps: bound on solver steps (accepted + rejected) or iterations.
+        budget: ``max_steps`` is a budget (inference with ``eval_max_steps``): reaching it is
+            `Result.budget`, a success, instead of `Result.max_steps`.
+        save_steps: accepted-step counts (``0`` is the start) at which the state is kept in
+            ``solution.states`` (trajectory supervision). Default none.
+    """
+
+    atol: float
+    rtol: float
+    max_steps: int
+    budget: bool = False
+    save_steps: Tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "atol", positive_float("atol", self.atol))
+        object.__setattr__(self, "rtol", non_negative_float("rtol", self.rtol))
+        object.__setattr__(self, "max_steps", positive_int("max_steps", self.max_steps))
+        object.__setattr__(self, "budget", boolean("budget", self.budget))
+        object.__setattr__(self, "save_steps", tuple(sorted({non_negative_int("save_steps", s) for s in self.save_steps})))
+
+
 @dataclass
 class SteadyStateSolution:
-    """What one forward solve did.
+    """What one forward solve did. Built once, by the solve loop.
 
     Attributes:
-        z_star: the steady state, shape ``(batch, *state)``.
+        z_star: the steady state, shape ``(batch, *state)``: each sample's best iterate (lowest
+            scaled residual).
         z0: the starting state the solver was given.
         residual: per-sample scaled residual ``rms(g(z*) / (atol + rtol |z*|))``, continuous and
             discrete solvers alike; ``<= 1`` means converged.
-        t: the time reached (continuous solvers) or the number of iterations (discrete solvers).
+        t: the time reached (continuous solvers; ``0`` for discrete solvers, whose iterations
+            do not advance time).
+        iterations: solver steps taken, accepted and rejected (iterations for discrete solvers).
         nfe: vector-field evaluations of the forward pass: the initializer's (one for Skip
             Reg.'s ``f(0, x)``) and the solver's. The one extra evaluation at ``z*`` with
             gradients, made in training for the implicit backward, is not included.
         nfe_per_sample: evaluations after which each sample first met its tolerance
             (``nfe`` for samples that never did).
-        steps_accepted, steps_rejected: adaptive steps (iterations for discrete solvers).
+        steps_accepted, steps_rejected: adaptive steps (iterations count as accepted).
+        result: a `Result`; ``reason`` is the same value (a ``str`` enum).
+        message: what happened, with the remedy, for an unsuccessful result (``''`` otherwise).
         converged: every sample met the tolerance.
-        reason: ``'converged'``, ``'max_steps'``, ``'diverged'``, ``'stalled'``, or ``'budget'``
-            (the eval-mode step budget ``eval_max_steps`` was used up, as intended).
+        states: ``(t, z)`` pairs kept at ``SolveOptions.save_steps`` (detached), last one ``z*``.
         backward_iters: linear-solve iterations (VJPs) of the last backward pass, ``None``
             until a backward pass ran.
         backward_residual: relative residual reached by that linear solve.
@@ -66,17 +146,27 @@ class SteadyStateSolution:
     z0: Tensor
     residual: Tensor
     t: float
+    iterations: int
     nfe: int
     nfe_per_sample: Tensor
     steps_accepted: int
     steps_rejected: int
-    converged: bool
-    reason: str
+    result: Result
+    message: str = ""
+    states: List[Tuple[float, Tensor]] = field(default_factory=list)
     backward_iters: Optional[int] = None
     backward_residual: Optional[float] = None
     skip_loss: Optional[Tensor] = None
     jacobian_loss: Optional[Tensor] = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def reason(self) -> Result:
+        return self.result
+
+    @property
+    def converged(self) -> bool:
+        return self.result is Result.converged
 
     @property
     def aux_loss(self) -> Tensor:

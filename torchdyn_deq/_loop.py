@@ -1,0 +1,324 @@
+"""The one solve loop. Every forward solver, continuous or discrete, runs through
+`steady_state_solve`, which owns what is common to all of them:
+
+- the stop test, per sample ``i``: ``rms(g(z_i) / (atol + rtol |z_i|)) <= 1`` (the Hairer
+  root-mean-square norm of torchdyn's and torchdiffeq's step control, taken per sample);
+- the budget (``max_steps`` accepted + rejected steps), the one count of evaluations, the
+  best iterate of each sample (lowest residual), per-sample termination, the non-finite,
+  divergence and stall tests, the kept states, and the `SteadyStateSolution`, built once;
+- one host synchronisation per step: every number the loop or the solver's step control
+  needs on the host is read in one ``tolist()``.
+
+A solver family only knows its own step (`SteadyStateSolver`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ._checks import boolean, positive_float, positive_int
+from ._solution import NonFiniteError, Result, SolveOptions, SteadyStateSolution
+
+VectorField = Callable[[Tensor, Tensor], Tensor]
+IMPROVEMENT = 0.99  # a step "improves" a sample when its residual falls below 99% of its best so far
+NON_FINITE_REJECTIONS = 10  # consecutive rejected non-finite proposals before the solve gives up
+
+
+def _wide(x: Tensor) -> Tensor:
+    """``x`` detached, in at least float32: norms of half-precision tensors overflow."""
+    x = x.detach()
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def scaled_residual(dz: Tensor, z: Tensor, atol: float, rtol: float) -> Tensor:
+    """Per-sample ``rms(dz / (atol + rtol |z|))``; shape ``(batch,)``, at least float32."""
+    scaled = (_wide(dz) / (atol + rtol * _wide(z).abs())).reshape(dz.shape[0], -1)
+    return torch.linalg.vector_norm(scaled, dim=1) / max(scaled.shape[1], 1) ** 0.5
+
+
+@dataclass
+class State:
+    """A solver's state between steps: the current iterate ``z``, ``gz = g(t, z)``, the time,
+    and whatever the family keeps (``memory``: tensors with a leading batch dimension, which
+    per-sample termination restricts to the remaining rows; ``control``: plain numbers)."""
+
+    z: Tensor
+    gz: Tensor
+    t: float
+    memory: Tuple = ()
+    control: Tuple = ()
+
+
+@dataclass
+class Proposal:
+    """A proposed step: the new iterate, ``g`` there if the step already evaluated it (``None``
+    for a step that evaluates only once accepted, as VCAB3), the step's own 0-dim tensors it
+    needs on the host to accept or reject (``signals``), and anything else it passes to
+    ``decide`` (``payload``)."""
+
+    z: Tensor
+    gz: Optional[Tensor]
+    t: float
+    signals: Tuple[Tensor, ...] = ()
+    payload: Tuple = ()
+
+
+class SteadyStateSolver:
+    """Base class of the forward solvers: small objects that know one step.
+
+    ``init(g, z0, gz0, options) -> State``, ``propose(g, state, options) -> Proposal``, and
+    ``decide(g, state, proposal, signals, options) -> (State, accepted)`` (``signals``: the
+    proposal's signals as floats; a rejection returns the old iterate with new step control).
+    The loop (`steady_state_solve`) does the rest.
+
+    Args:
+        stall_patience: stop (`Result.stalled`) after this many accepted steps in which no
+            unconverged sample's residual fell below 99% of its best. Default ``30``.
+        divergence_factor: stop (`Result.diverged`) when a sample's iterate grows beyond this
+            factor times ``1 + ||z0|| + ||z0 + g(z0)||``, or every unconverged sample's
+            residual exceeds its best by this factor. Default ``1e4``.
+        per_sample: drop samples from the batch once they meet the tolerance, so they stop
+            costing evaluations while the rest continue (the vector field is then called on
+            the remaining rows, with the injected input restricted to them). Default
+            ``False``: a field whose output for one sample depends on the others (batch norm
+            in training mode) would change. Only for solves without autograd.
+    """
+
+    continuous: bool = True
+
+    def __init__(self, stall_patience: int = 30, divergence_factor: float = 1e4, per_sample: bool = False):
+        self.stall_patience = positive_int("stall_patience", stall_patience)
+        self.divergence_factor = positive_float("divergence_factor", divergence_factor)
+        if not self.divergence_factor > 1:
+            raise ValueError(f"divergence_factor must be > 1, got {divergence_factor!r}")
+        self.per_sample = boolean("per_sample", per_sample)
+
+    def init(self, g: VectorField, z0: Tensor, gz0: Tensor, options: SolveOptions) -> State:
+        return State(z0, gz0, 0.0)
+
+    def propose(self, g: VectorField, state: State, options: SolveOptions) -> Proposal:
+        raise NotImplementedError
+
+    def decide(self, g: VectorField, state: State, proposal: Proposal, signals: Sequence[float],
+               options: SolveOptions) -> Optional[State]:
+        gz = proposal.gz if proposal.gz is not None else g(proposal.t, proposal.z)
+        return State(proposal.z, gz, proposal.t, state.memory, state.control), True
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({opts})"
+
+
+class _Counted:
+    """``g`` with its evaluations counted, called as ``g(t, z)`` with a float or tensor ``t``."""
+
+    def __init__(self, g: VectorField, t_like: Tensor):
+        self.g, self.n, self.restrict = g, 0, getattr(g, "on_rows", None)
+        self._t = t_like
+
+    def __call__(self, t, z: Tensor) -> Tensor:
+        self.n += 1
+        if not isinstance(t, Tensor):
+            t = torch.full((), t, dtype=self._t.dtype, device=self._t.device)
+        return self.g(t, z)
+
+
+@dataclass
+class _Measure:
+    """The stop-test quantities of one iterate, as tensors (read on the host in the step's sync)."""
+
+    z: Tensor
+    residual: Tensor
+    host: Tuple[Tensor, ...]  # worst best residual, improved, growth, residual rise
+
+
+class _Tracker:
+    """Per-sample bookkeeping of one solve: best iterate, convergence, stall and divergence."""
+
+    def __init__(self, z0: Tensor, gz0: Tensor, options: SolveOptions, solver: SteadyStateSolver, nfe_start: int):
+        self.options, self.solver, self.nfe_start = options, solver, nfe_start
+        batch = z0.shape[0]
+        flat0 = _wide(z0).reshape(batch, -1)
+        self.bound = solver.divergence_factor * (1 + torch.linalg.vector_norm(flat0, dim=1)
+                                                 + torch.linalg.vector_norm(flat0 + _wide(gz0).reshape(batch, -1), dim=1))
+        self.best_z = z0
+        self.best_res = torch.full((batch,), math.inf, device=z0.device)
+        self.nfe_per_sample = torch.full((batch,), -1, dtype=torch.long, device=z0.device)
+        self.rows: Optional[Tensor] = None  # the samples still stepped (None: all)
+        self.stall = 0
+        self.states: List[Tuple[float, Tensor]] = []
+
+    def _sub(self, x: Tensor) -> Tensor:
+        return x if self.rows is None else x.index_select(0, self.rows)
+
+    def measure(self, z: Tensor, gz: Tensor) -> _Measure:
+        o = self.options
+        res = scaled_residual(gz, z, o.atol, o.rtol)
+        best = self._sub(self.best_res)
+        open_ = best > 1
+        new_best = torch.minimum(best, res)
+        worst = torch.where(res.isnan(), res, new_best).amax()  # NaN propagates to the host check
+        improved = ((res < IMPROVEMENT * best) & open_).any()
+        growth = (torch.linalg.vector_norm(_wide(z).reshape(z.shape[0], -1), dim=1) / self._sub(self.bound)).amax()
+        rise = torch.where(open_, res / best.clamp_min(1e-30), math.inf).amin()
+        return _Measure(z, res, (worst, improved.float(), growth, rise))
+
+    def commit(self, m: _Measure, host: Sequence[float], nfe: int, t: float, accepted: int) -> Optional[Result]:
+        """Record an accepted iterate; return the result if the solve ends with it."""
+        worst, improved, growth, rise = host
+        if not math.isfinite(worst):
+            raise NonFiniteError(f"non-finite values appeared at step {accepted}, t={t:.4g}: the vector field "
+                                 "produced NaN/inf, or the dynamics diverge. " + Result.non_finite.remedy)
+        better = m.residual < self._sub(self.best_res)
+        newly = (m.residual <= 1) & (self._sub(self.best_res) > 1)
+        if self.rows is None:
+            shape = (-1,) + (1,) * (m.z.dim() - 1)
+            self.best_z = torch.where(better.view(shape), m.z, self.best_z)
+            self.best_res = torch.where(better, m.residual, self.best_res)
+            self.nfe_per_sample = torch.where(newly, self.nfe_start + nfe, self.nfe_per_sample)
+        else:
+            keep = torch.where(better.view((-1,) + (1,) * (m.z.dim() - 1)), m.z, self.best_z.index_select(0, self.rows))
+            self.best_z = self.best_z.index_copy(0, self.rows, keep)
+            self.best_res = self.best_res.index_copy(0, self.rows, torch.minimum(m.residual, self.best_res[self.rows]))
+            self.nfe_per_sample = self.nfe_per_sample.index_copy(
+                0, self.rows, torch.where(newly, self.nfe_start + nfe, self.nfe_per_sample[self.rows]))
+        if accepted in self.options.save_steps:
+            self.states.append((t, self.best_z.detach() if self.rows is not None else m.z.detach()))
+        if worst <= 1:
+            return Result.converged
+        if growth > 1 or rise > self.solver.divergence_factor:
+            return Result.diverged
+        self.stall = 0 if improved > 0 else self.stall + 1
+        if self.stall >= self.solver.stall_patience:
+            return Result.stalled
+        return None
+
+    def finish(self, z0: Tensor, t: float, iterations: int, nfe: int, accepted: int, rejected: int,
+               result: Result, message: str) -> SteadyStateSolution:
+        nfe_total = self.nfe_start + nfe
+        nfe_per_sample = torch.where(self.nfe_per_sample < 0, nfe_total, self.nfe_per_sample)
+        if self.options.save_steps and (not self.states or self.states[-1][1] is not self.best_z):
+            self.states.append((t, self.best_z.detach()))
+        return SteadyStateSolution(
+            z_star=self.best_z, z0=z0, residual=self.best_res, t=float(t), iterations=iterations, nfe=nfe_total,
+            nfe_per_sample=nfe_per_sample, steps_accepted=accepted, steps_rejected=rejected, result=result,
+            message=message, states=self.states)
+
+
+def _message(result: Result, solver: SteadyStateSolver, options: SolveOptions, t: float, iterations: int,
+             nfe: int, residual: Tensor, stall: int) -> str:
+    if result.successful:
+        return ""
+    where = f"t={t:.4g}, {iterations} steps" if solver.continuous else f"{iterations} iterations"
+    open_ = int((residual > 1).sum())
+    cause = {
+        Result.max_steps: f"no steady state within max_steps={options.max_steps}",
+        Result.diverged: "the solve diverged",
+        Result.stalled: f"the solve stalled (no unconverged sample improved by 1% in {stall} steps)",
+    }[result]
+    return (f"{cause} ({where}, {nfe} NFE): worst scaled residual {float(residual.max()):.3g} (1 = tolerance "
+            f"atol={options.atol:g}, rtol={options.rtol:g}), {open_} of {residual.numel()} samples unconverged. "
+            f"{result.remedy[0].upper()}{result.remedy[1:]}")
+
+
+def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, options: SolveOptions, *,
+                       nfe_start: int = 0) -> SteadyStateSolution:
+    """Solve ``g(z) = 0`` from ``z0`` with ``solver`` (integrating ``dz/dt = g(t, z)`` to
+    ``t = infinity`` for a continuous one); the record of what happened.
+
+    Args:
+        g: the vector field ``g(t, z)`` (``f(z, x) - z`` for a DEQ); an ``on_rows(rows)``
+            attribute, if present, gives ``g`` on a subset of the batch (per-sample termination).
+        z0: the start, shape ``(batch, *state)``.
+        solver: a `SteadyStateSolver`.
+        options: `SolveOptions` (tolerances, budget, kept states).
+        nfe_start: evaluations already spent on ``z0`` (Skip Reg.'s ``f(0, x)``), counted in
+            the record's ``nfe``.
+
+    Runs with or without autograd: under ``torch.no_grad()`` for implicit sensitivities, with
+    it to backpropagate through the steps (per-sample termination is then off).
+    """
+    if not isinstance(solver, SteadyStateSolver):
+        raise TypeError(f"solver must be a SteadyStateSolver, got {solver!r}")
+    count = _Counted(g, z0)
+    gz0 = count(0.0, z0)
+    if gz0.shape != z0.shape:
+        raise ValueError(f"the vector field returned shape {tuple(gz0.shape)} for a state of shape {tuple(z0.shape)}")
+    track = _Tracker(z0, gz0, options, solver, nfe_start)
+    state = solver.init(count, z0, gz0, options)
+    first = track.measure(z0, gz0)
+    host = torch.stack(first.host).tolist()
+    if not math.isfinite(host[0]):
+        raise NonFiniteError("non-finite values appeared in the vector field at the starting state. "
+                             + Result.non_finite.remedy)
+    result = track.commit(first, host, count.n, 0.0, 0)
+    per_sample = solver.per_sample and count.restrict is not None and not (torch.is_grad_enabled() and z0.requires_grad)
+    accepted = rejected = bad = 0
+    pending: Optional[_Measure] = None  # an accepted iterate whose stop test is read in the next sync
+    while result is None:
+        if accepted + rejected >= options.max_steps:
+            if pending is not None:
+                result = track.commit(pending, torch.stack(pending.host).tolist(), count.n, state.t, accepted)
+                pending = None
+            result = result or (Result.budget if options.budget else Result.max_steps)
+            break
+        proposal = solver.propose(count, state, options)
+        cand = None if proposal.gz is None else track.measure(proposal.z, proposal.gz)
+        parts = (pending.host if pending else ()) + (cand.host if cand else ()) + tuple(proposal.signals)
+        host = torch.stack([p.float() for p in parts]).tolist()  # the step's one synchronisation
+        if pending is not None:
+            result, host, measured, pending = track.commit(pending, host[:4], count.n, state.t, accepted), host[4:], pending, None
+            if result is not None:
+                break
+            if per_sample:
+                state, proposal = _drop_converged(state, proposal, track, count, measured.residual)
+        cand_host, signals = (host[:4], host[4:]) if cand else ((), host)
+        new, ok = solver.decide(count, state, proposal, signals, options)
+        if not ok:
+            state, rejected = new, rejected + 1
+            bad = bad + 1 if (cand and not math.isfinite(cand_host[0])) or not all(map(math.isfinite, signals)) else 0
+            if bad >= NON_FINITE_REJECTIONS:
+                raise NonFiniteError(f"non-finite values in {bad} consecutive proposed steps at t={state.t:.4g} "
+                                     "(the step shrank each time). " + Result.non_finite.remedy)
+            continue
+        accepted, bad, state = accepted + 1, 0, new
+        if cand is not None:
+            result = track.commit(cand, cand_host, count.n, state.t, accepted)
+        else:
+            pending = track.measure(state.z, state.gz)
+        if result is None and per_sample and cand is not None:
+            state, _ = _drop_converged(state, None, track, count, cand.residual)
+    iterations = accepted + rejected
+    message = _message(result, solver, options, state.t, iterations, track.nfe_start + count.n, track.best_res,
+                       track.stall)
+    return track.finish(z0, state.t, iterations, count.n, accepted, rejected, result, message)
+
+
+def _pick(x, keep: Tensor):
+    """Rows ``keep`` of every tensor in ``x`` (nested tuples / lists); anything else as is."""
+    if isinstance(x, Tensor):
+        return x.index_select(0, keep)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_pick(y, keep) for y in x)
+    return x
+
+
+def _drop_converged(state: State, proposal: Optional[Proposal], track: _Tracker, count: _Counted,
+                    residual: Tensor) -> Tuple[State, Optional[Proposal]]:
+    """Restrict the state, a pending proposal and ``g`` (through its ``on_rows``) to the samples
+    not yet converged."""
+    open_ = residual > 1
+    if bool(open_.all()):
+        return state, proposal
+    keep = open_.nonzero()[:, 0]
+    track.rows = keep if track.rows is None else track.rows[keep]
+    count.g = count.restrict(track.rows)
+    state = State(_pick(state.z, keep), _pick(state.gz, keep), state.t, _pick(state.memory, keep), state.control)
+    if proposal is not None:
+        proposal = Proposal(_pick(proposal.z, keep), _pick(proposal.gz, keep), proposal.t, proposal.signals,
+                            _pick(proposal.payload, keep))
+    return state, proposal

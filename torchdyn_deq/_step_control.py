@@ -1,0 +1,199 @@
+"""Step-size control for steady states: local error control, bounded by a stability limit that
+the solver estimates from its own evaluations.
+
+Why a stability limit. Near a steady state the local error estimate shrinks with the residual,
+so error control alone lets the step grow until ``h lambda`` leaves the method's region of
+absolute stability for some eigenvalue ``lambda`` of ``dg/dz``; the residual then stops falling
+and hovers near the tolerance (the classic steady-state stall of explicit solvers). Here each
+step also estimates the eigenvalues that matter (a two-dimensional Rayleigh-Ritz projection of
+``dg/dz`` from pairs ``(dz, dg)`` of nearby points, ``dg ~ J dz``) and the next step is at most
+
+    h <= safety * r(arg lambda) / |lambda|       for every estimated lambda with Re lambda < 0,
+
+with ``r(phi)`` the distance from 0 to the edge of the method's stability region in the
+direction ``phi`` (tabulated once per method from its stability function). Eigenvalues with
+``Re lambda >= 0`` impose nothing: such a mode grows at any step, and the solve loop's
+divergence test reports it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+ANGLES = 361  # directions from pi/2 (imaginary axis) to pi (negative real axis), 0.25 degree apart
+
+
+def _radii(unstable: Callable[[Tensor], Tensor], r_max: float, n_r: int) -> Tensor:
+    """``r(phi)`` on the angle grid: the largest radius before ``unstable(z)`` first holds,
+    scanning outwards from 0 on each ray."""
+    phi = torch.linspace(math.pi / 2, math.pi, ANGLES, dtype=torch.float64)
+    r = torch.linspace(0, r_max, n_r + 1, dtype=torch.float64)[1:]
+    z = r[None, :] * torch.exp(1j * phi.to(torch.complex128))[:, None]
+    bad = unstable(z)
+    first = torch.where(bad.any(1), bad.float().argmax(1), torch.full((ANGLES,), n_r))
+    return torch.cat([torch.zeros(1, dtype=torch.float64), r])[first]
+
+
+class StabilityRegion:
+    """Where ``|growth factor| <= 1`` for ``h lambda``, as a table ``r(phi)`` over the left half-plane.
+
+    Args:
+        radii: ``r(phi)`` at ``ANGLES`` directions from ``pi/2`` to ``pi``.
+    """
+
+    def __init__(self, radii: Tensor):
+        self.radii = radii.to(torch.float32)
+        self._on = {}
+
+    @classmethod
+    def runge_kutta(cls, a: Sequence[Sequence[float]], b: Sequence[float]) -> "StabilityRegion":
+        """Explicit RK with stage matrix ``a`` (rows of the strictly lower part, stage 2 on) and
+        weights ``b``: ``R(z) = 1 + sum_k (b^T A^(k-1) 1) z^k``, a polynomial of degree ``s``."""
+        s = len(b)
+        A = torch.zeros(s, s, dtype=torch.float64)
+        for i, row in enumerate(a):
+            A[i + 1, : len(row)] = torch.tensor(row, dtype=torch.float64)
+        bt, v, coeffs = torch.tensor(b, dtype=torch.float64), torch.ones(s, dtype=torch.float64), [1.0]
+        for _ in range(s):
+            coeffs.append(float(bt @ v))
+            v = A @ v
+
+        def unstable(z):
+            R = torch.zeros_like(z)
+            for c in reversed(coeffs):
+                R = R * z + c
+            return R.abs() > 1 + 1e-9
+
+        return cls(_radii(unstable, 8.0, 3200))
+
+    @classmethod
+    def adams_bashforth3(cls) -> "StabilityRegion":
+        """Constant-step AB3: stable where every root of ``zeta^3 - zeta^2 - z (23 zeta^2 - 16 zeta + 5) / 12``
+        has modulus ``<= 1``."""
+        def unstable(z):
+            shape = z.shape
+            z = z.reshape(-1)
+            companion = torch.zeros(z.numel(), 3, 3, dtype=torch.complex128)
+            companion[:, 0, 0] = 1 + 23 * z / 12
+            companion[:, 0, 1] = -16 * z / 12
+            companion[:, 0, 2] = 5 * z / 12
+            companion[:, 1, 0] = companion[:, 2, 1] = 1
+            return (torch.linalg.eigvals(companion).abs().amax(1) > 1 + 1e-9).reshape(shape)
+
+        return cls(_radii(unstable, 1.0, 400))
+
+    def _table(self, device) -> Tensor:
+        if device not in self._on:
+            self._on[device] = self.radii.to(device)
+        return self._on[device]
+
+    def max_step(self, eigenvalues: Tuple[Tensor, Tensor], safety: float) -> Tensor:
+        """Largest ``h`` with ``h |lambda| <= safety r(arg lambda)`` for every estimated
+        ``lambda = re + i im`` with ``re < 0``, over the batch (0-dim float32; ``inf`` if none)."""
+        re, im = (x.float() for x in eigenvalues)
+        table = self._table(re.device)
+        phi = torch.atan2(im.abs(), re)  # in [0, pi]; the left half-plane is [pi/2, pi]
+        pos = ((phi - math.pi / 2) / (math.pi / 2) * (ANGLES - 1)).clamp(0, ANGLES - 1)
+        lo = pos.floor().long()
+        hi = (lo + 1).clamp(max=ANGLES - 1)
+        frac = pos - lo
+        r = table[lo] * (1 - frac) + table[hi] * frac
+        h = safety * r / torch.hypot(re, im).clamp_min(1e-30)
+        h = torch.where(re < 0, h, torch.full_like(h, math.inf))
+        return h.amin() if h.numel() else torch.tensor(math.inf, device=re.device)
+
+
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    return (x * y).sum(1)
+
+
+def ritz_values(pairs: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    """Per-sample eigenvalue estimates of ``J`` from two pairs ``(dz_i, dg_i)`` with ``dg_i ~ J dz_i``
+    (flattened ``(batch, n)``, at least float32): the eigenvalues of ``Q^T J Q`` on the plane
+    ``Q`` spanned by ``dz_1, dz_2`` (Rayleigh-Ritz). Returns ``(re, im)``, each ``(batch, 2)``.
+    Where the two ``dz`` are (nearly) parallel the plane is a line and both values are its
+    Rayleigh quotient ``dz.dg / dz.dz``."""
+    (z1, g1), (z2, g2) = pairs
+    tiny = torch.finfo(z1.dtype).tiny
+    n1 = _dot(z1, z1).sqrt().clamp_min(tiny)
+    q1, a1 = z1 / n1[:, None], g1 / n1[:, None]  # q1 and J q1
+    proj = _dot(q1, z2)
+    w = z2 - proj[:, None] * q1
+    nw = _dot(w, w).sqrt()
+    plane = nw > 1e-3 * _dot(z2, z2).sqrt()
+    nw = nw.clamp_min(tiny)
+    q2, a2 = w / nw[:, None], (g2 - proj[:, None] * a1) / nw[:, None]  # q2 and J q2
+    h11 = _dot(q1, a1)
+    h12, h21, h22 = _dot(q1, a2), _dot(q2, a1), _dot(q2, a2)
+    h12, h21, h22 = (torch.where(plane, x, y) for x, y in ((h12, 0.0 * h11), (h21, 0.0 * h11), (h22, h11)))
+    half_trace = 0.5 * (h11 + h22)
+    disc = 0.25 * (h11 - h22) ** 2 + h12 * h21  # eigenvalues: half_trace +- sqrt(disc)
+    root = disc.abs().sqrt()
+    real = disc >= 0
+    re = torch.stack([half_trace + torch.where(real, root, 0.0), half_trace - torch.where(real, root, 0.0)], 1)
+    im = torch.stack([torch.where(real, 0.0, root), -torch.where(real, 0.0, root)], 1)
+    return re, im
+
+
+class StepController:
+    """Error control with a stability limit, for every adaptive steady-state solver.
+
+    The proposed next step after an error ratio ``e`` (``<= 1`` accepts) is
+
+        h_next = min(h * clip(safety * e^(-1/order), min_factor, max_factor), h_stable, max_step)
+
+    where an accepted step is never shrunk by the error term and ``h_stable`` is
+    `StabilityRegion.max_step` of the latest eigenvalue estimates.
+
+    Args:
+        order: the exponent's order (the error estimate's order plus one).
+        region: the method's `StabilityRegion`, or ``None`` for no stability limit.
+        safety: error-control safety factor. Default ``0.9`` (torchdyn's and Hairer's).
+        min_factor, max_factor: bounds of the step change. Defaults ``0.2`` and ``10.0``.
+        stability_safety: fraction of the stability radius used. Default ``0.8``: the estimates
+            are approximate, and at ``|growth| = 1`` a mode would not decay at all.
+        max_step: largest step. Default ``inf`` (the stability limit bounds it).
+    """
+
+    def __init__(self, order: int, region: Optional[StabilityRegion], safety: float = 0.9, min_factor: float = 0.2,
+                 max_factor: float = 10.0, stability_safety: float = 0.8, max_step: float = math.inf):
+        self.order, self.region = order, region
+        self.safety, self.min_factor, self.max_factor = safety, min_factor, max_factor
+        self.stability_safety, self.max_step = stability_safety, max_step
+
+    def stable_step(self, eigenvalues: Optional[Tuple[Tensor, Tensor]], like: Tensor) -> Tensor:
+        """``h_stable`` as a 0-dim tensor (``inf`` without estimates or region): read on the host
+        together with the error ratio, in the step's one synchronisation."""
+        if self.region is None or eigenvalues is None:
+            return torch.tensor(math.inf, device=like.device)
+        return self.region.max_step(eigenvalues, self.stability_safety)
+
+    def next_step(self, dt: float, ratio: float, stable: float, order: Optional[int] = None) -> float:
+        """The next step after a step ``dt`` with error ratio ``ratio`` and stability limit
+        ``stable`` (``order`` overrides the controller's, for a multistep start-up)."""
+        order = self.order if order is None else order
+        if ratio == 0:
+            factor = self.max_factor
+        elif not math.isfinite(ratio):
+            factor = self.min_factor
+        else:
+            lower = 1.0 if ratio <= 1 else self.min_factor
+            factor = min(self.max_factor, max(self.safety * ratio ** (-1.0 / order), lower))
+        return min(dt * factor, stable, self.max_step)
+
+
+def error_ratio(err: Tensor, z: Tensor, z_new: Tensor, atol: float, rtol: float) -> Tensor:
+    """``rms(err / (atol + rtol max(|z|, |z_new|)))`` over the whole batch, a 0-dim tensor."""
+    scale = atol + rtol * torch.maximum(z.abs(), z_new.abs())
+    return torch.linalg.vector_norm(err / scale) / max(err.numel(), 1) ** 0.5
+
+
+def first_step(g0: Tensor, z0: Tensor, atol: float, rtol: float, order: int) -> Tensor:
+    """Hairer's first-step guess ``(0.01 / rms(g0 / (atol + rtol |z0|)))^(1/(order+1))`` without
+    its ``||z0||`` bound (zero for the DEQ start ``z0 = 0``, where it forced a first step of
+    1e-4 and several wasted steps of growth). A 0-dim tensor."""
+    d1 = (torch.linalg.vector_norm(g0 / (atol + rtol * z0.abs())) / max(g0.numel(), 1) ** 0.5).clamp_min(1e-15)
+    return (0.01 / d1) ** (1.0 / (order + 1))
