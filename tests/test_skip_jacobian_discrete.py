@@ -198,12 +198,8 @@ def test_skip_variants_cut_nfe_on_embedded_mnist():
         with torch.no_grad():
             nfes = [deq(down(X[i : i + 32])) and deq.solution.nfe for i in range(1280, 1600, 32)]
             test_nfe[variant] = float(np.mean(nfes))
-            if variant == "vanilla":  # the steady-state stall, on a realistic model (issue #2)
-                deq(down(X[1280:]))
+            if variant == "vanilla":  # no steady-state stall on a realistic model (issue #2): step tolerance
+                deq(down(X[1280:]))      # = stop tolerance and no max_step, the stability limit bounds the steps
                 assert deq.solution.converged and deq.solution.steps_accepted + deq.solution.steps_rejected <= 15
-                deq.solver = td.ODESteadyStateSolver("tsit5", step_tol_factor=1.0, max_step=1e9)
-                deq.max_steps = 100
-                with pytest.warns(td.ConvergenceWarning):
-                    deq(down(X[1280:]))  # step tolerance = stop tolerance, unbounded step: stalls
     assert test_nfe["skip"] < 0.85 * test_nfe["vanilla"], test_nfe
     assert test_nfe["skip_reg"] < 0.7 * test_nfe["vanilla"], test_nfe

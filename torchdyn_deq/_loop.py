@@ -282,7 +282,7 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
             state, rejected = new, rejected + 1
             bad = bad + 1 if (cand and not math.isfinite(cand_host[0])) or not all(map(math.isfinite, signals)) else 0
             if bad >= NON_FINITE_REJECTIONS:
-                raise NonFiniteError(f"non-finite values in {bad} consecutive proposed steps at t={state.t:.4g} "
+                raise NonFiniteError(f"non-finite values appeared in {bad} consecutive proposed steps at t={state.t:.4g} "
                                      "(the step shrank each time). " + Result.non_finite.remedy)
             continue
         accepted, bad, state = accepted + 1, 0, new

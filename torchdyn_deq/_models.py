@@ -284,7 +284,7 @@ class DEQVectorField(nn.Module):
         if fz.shape != z.shape:  # fz - z would broadcast to a wrong steady state
             raise ValueError(f"the DEQ layer f returned shape {tuple(fz.shape)} for a state of shape {tuple(z.shape)}; "
                              "f(z, x) must return a tensor shaped like z (set state_shape= if the state differs from x)")
-        if fz.dtype != z.dtype:
+        if fz.dtype != z.dtype and not torch.is_autocast_enabled(z.device.type):  # autocast changes dtypes on purpose
             raise TypeError(f"the DEQ layer f returned dtype {fz.dtype} for a state of dtype {z.dtype}")
         return fz - z
 

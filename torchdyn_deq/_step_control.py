@@ -96,7 +96,7 @@ class StabilityRegion:
         re, im = (x.float() for x in eigenvalues)
         table = self._table(re.device)
         phi = torch.atan2(im.abs(), re)  # in [0, pi]; the left half-plane is [pi/2, pi]
-        pos = ((phi - math.pi / 2) / (math.pi / 2) * (ANGLES - 1)).clamp(0, ANGLES - 1)
+        pos = ((phi - math.pi / 2) / (math.pi / 2) * (ANGLES - 1)).nan_to_num(0.0).clamp(0, ANGLES - 1)
         lo = pos.floor().long()
         hi = (lo + 1).clamp(max=ANGLES - 1)
         frac = pos - lo

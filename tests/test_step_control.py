@@ -1,0 +1,89 @@
+"""Runge-Kutta tableaus as data, the stability regions and the eigenvalue estimates of the step control."""
+import math
+
+import pytest
+import torch
+from torchdyn.numerics.solvers.ode import DormandPrince45, Euler, Tsitouras45
+
+import torchdyn_deq as td
+from torchdyn_deq._ode import rk_step
+from torchdyn_deq._step_control import ANGLES, StabilityRegion, ritz_values
+
+
+def _field(dtype):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 6, generator=gen, dtype=dtype) / 3
+    return lambda t, x: torch.tanh(x @ w) - x
+
+
+@pytest.mark.parametrize("stepper_class", [Tsitouras45, DormandPrince45])
+def test_tableau_step_matches_torchdyn(stepper_class):
+    f = _field(torch.float64)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    tableau = td.Tableau.of(stepper_class(torch.float64))
+    assert tableau.fsal  # the new state is the last stage's state: no separate b-combination
+    z_new, gz_new, err, stages, ks = rk_step(f, tableau, x, f(0.0, x), 0.0, 0.37)
+    k_last, x_sol, err_ref, _ = stepper_class(torch.float64).step(f, x, torch.tensor(0.0, dtype=torch.float64), 0.37)
+    for ours, theirs in ((z_new, x_sol), (gz_new, k_last), (err, err_ref)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-13)
+    assert len(ks) == len(stages) == 7
+
+
+def test_tableau_step_is_differentiable():
+    f = _field(torch.float64)
+    tableau = td.Tableau.of(Tsitouras45(torch.float64))
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: rk_step(f, tableau, x, f(0.0, x), 0.0, 0.3)[0], (x,))
+
+
+def test_fixed_steppers_have_no_tableau():
+    assert td.Tableau.of(Euler(torch.float32)) is None
+    assert not td.ODESteadyStateSolver("euler").adaptive and td.ODESteadyStateSolver("tsit5").adaptive
+
+
+@pytest.mark.parametrize("region, real_axis", [
+    (td.Tableau.of(Tsitouras45(torch.float64)).region, 3.5),   # Hairer-Wanner: tsit5 ~3.5, dopri5 ~3.3
+    (td.Tableau.of(DormandPrince45(torch.float64)).region, 3.3),
+    (StabilityRegion.adams_bashforth3(), 6 / 11),               # AB3: exactly 6/11 on the real axis
+])
+def test_stability_regions_on_the_negative_real_axis(region, real_axis):
+    assert region.radii.shape == (ANGLES,)
+    assert float(region.radii[-1]) == pytest.approx(real_axis, rel=0.02)
+    assert (region.radii[ANGLES // 10:] > 0).all()  # every direction away from the imaginary axis is stable near 0
+
+
+def test_euler_region_is_the_unit_disk_around_minus_one():
+    region = StabilityRegion.runge_kutta([], [1.0])
+    phi = torch.linspace(math.pi / 2, math.pi, ANGLES, dtype=torch.float64)
+    torch.testing.assert_close(region.radii.double(), -2 * torch.cos(phi), atol=3e-3, rtol=0)
+
+
+def test_ritz_values_recover_a_complex_pair_and_a_real_spectrum():
+    batch, n = 3, 5
+    for block in (torch.tensor([[-0.1, -1.0], [1.0, -0.1]]), torch.tensor([[-2.0, 0.0], [0.0, -0.5]])):
+        A = torch.zeros(n, n, dtype=torch.float64)
+        A[:2, :2] = block
+        dz = torch.zeros(batch, 2, n, dtype=torch.float64)
+        dz[:, :, :2] = torch.randn(batch, 2, 2, dtype=torch.float64)
+        re, im = ritz_values([(dz[:, 0], dz[:, 0] @ A.T), (dz[:, 1], dz[:, 1] @ A.T)])
+        eig = torch.linalg.eigvals(block.double())
+        for i in range(batch):
+            key = lambda c: (c.real, c.imag)  # noqa: E731
+            got = sorted((complex(r, m) for r, m in zip(re[i].tolist(), im[i].tolist())), key=key)
+            want = sorted((complex(e) for e in eig.tolist()), key=key)
+            assert max(abs(a - b) for a, b in zip(got, want)) < 1e-9
+
+
+def test_parallel_directions_give_the_rayleigh_quotient():
+    A = torch.diag(torch.tensor([-1.0, -3.0], dtype=torch.float64))
+    v = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    re, im = ritz_values([(v, v @ A), (2 * v, 2 * v @ A)])
+    torch.testing.assert_close(re, torch.full((1, 2), -2.0, dtype=torch.float64))
+    assert (im == 0).all()
+
+
+def test_max_step_ignores_growing_modes_and_bounds_decaying_ones():
+    region = td.Tableau.of(Tsitouras45(torch.float64)).region
+    re, im = torch.tensor([[-10.0, 1.0]]), torch.tensor([[0.0, 0.0]])
+    assert float(region.max_step((re, im), 0.8)) == pytest.approx(0.8 * 3.5 / 10, rel=0.02)
+    assert math.isinf(float(region.max_step((torch.tensor([[1.0]]), torch.tensor([[0.0]])), 0.8)))
