@@ -24,7 +24,7 @@ from ._checks import boolean, positive_float, positive_int
 from ._solution import NonFiniteError, Result, SolveOptions, SteadyStateSolution
 
 VectorField = Callable[[Tensor, Tensor], Tensor]
-IMPROVEMENT = 0.99  # a step "improves" a sample when its residual falls below 99% of its best so far
+IMPROVEMENT = 0.99  # progress: a sample's residual falls below 99% of its best at the start of the stretch
 NON_FINITE_REJECTIONS = 10  # consecutive rejected non-finite proposals before the solve gives up
 
 
@@ -77,10 +77,12 @@ class SteadyStateSolver:
 
     Args:
         stall_patience: stop (`Result.stalled`) after this many accepted steps in which no
-            unconverged sample's residual fell below 99% of its best. Default ``30``.
+            unconverged sample's residual fell below 99% of its best at the start of those
+            steps (a slow but steady decay is progress). Default ``30``.
         divergence_factor: stop (`Result.diverged`) when a sample's iterate grows beyond this
-            factor times ``1 + ||z0|| + ||z0 + g(z0)||``, or every unconverged sample's
-            residual exceeds its best by this factor. Default ``1e4``.
+            factor times ``1 + ||z0|| + ||z0 + g(z0)||``, when every unconverged sample's
+            residual exceeds its best by this factor, or when the residual stalls with an
+            iterate beyond the square root of this factor times that scale. Default ``1e4``.
         per_sample: drop samples from the batch once they meet the tolerance, so they stop
             costing evaluations while the rest continue (the vector field is then called on
             the remaining rows, with the injected input restricted to them). Default
@@ -89,6 +91,7 @@ class SteadyStateSolver:
     """
 
     continuous: bool = True
+    stall_time: float = 0.0  # time without progress before a stall, besides the steps (time-steppers)
 
     def __init__(self, stall_patience: int = 30, divergence_factor: float = 1e4, per_sample: bool = False):
         self.stall_patience = positive_int("stall_patience", stall_patience)
@@ -147,9 +150,10 @@ class _Tracker:
                                                  + torch.linalg.vector_norm(flat0 + _wide(gz0).reshape(batch, -1), dim=1))
         self.best_z = z0
         self.best_res = torch.full((batch,), math.inf, device=z0.device)
+        self.reference = self.best_res  # best residuals at the start of the current stretch without progress
         self.nfe_per_sample = torch.full((batch,), -1, dtype=torch.long, device=z0.device)
         self.rows: Optional[Tensor] = None  # the samples still stepped (None: all)
-        self.stall = 0
+        self.stall, self.stall_since = 0, 0.0  # steps and time since the last progress
         self.states: List[Tuple[float, Tensor]] = []
 
     def _sub(self, x: Tensor) -> Tensor:
@@ -162,7 +166,7 @@ class _Tracker:
         open_ = best > 1
         new_best = torch.minimum(best, res)
         worst = torch.where(res.isnan(), res, new_best).amax()  # NaN propagates to the host check
-        improved = ((res < IMPROVEMENT * best) & open_).any()
+        improved = ((res < IMPROVEMENT * self._sub(self.reference)) & open_).any()
         growth = (torch.linalg.vector_norm(_wide(z).reshape(z.shape[0], -1), dim=1) / self._sub(self.bound)).amax()
         rise = torch.where(open_, res / best.clamp_min(1e-30), math.inf).amin()
         return _Measure(z, res, (worst, improved.float(), growth, rise))
@@ -192,9 +196,15 @@ class _Tracker:
             return Result.converged
         if growth > 1 or rise > self.solver.divergence_factor:
             return Result.diverged
-        self.stall = 0 if improved > 0 else self.stall + 1
-        if self.stall >= self.solver.stall_patience:
-            return Result.stalled
+        if improved > 0:  # a new stretch: progress is measured against the best residuals now
+            self.stall, self.reference, self.stall_since = 0, self.best_res, t
+        else:
+            self.stall += 1
+        if self.stall >= self.solver.stall_patience and t - self.stall_since >= self.solver.stall_time:
+            # a residual that stops falling while the state has grown far beyond its start is a
+            # state running away (its scaled residual saturates near 1 / rtol), not a stall
+            grown = growth * self.solver.divergence_factor > self.solver.divergence_factor ** 0.5
+            return Result.diverged if grown else Result.stalled
         return None
 
     def finish(self, z0: Tensor, t: float, iterations: int, nfe: int, accepted: int, rejected: int,

@@ -92,8 +92,11 @@ def _flat(x: Tensor) -> Tensor:
 class _TimeStepper(SteadyStateSolver):
     """What the time-stepping families share: step tolerances and the controller's options."""
 
-    def __init__(self, step_tol_factor: float, min_step_tol: float, max_step: float, **loop_options):
+    def __init__(self, step_tol_factor: float, min_step_tol: float, max_step: float, stall_time: float = 10.0,
+                 **loop_options):
         super().__init__(**loop_options)
+        # small accurate steps on a rotation see no new lowest residual for a good part of a period
+        self.stall_time = positive_float("stall_time", stall_time)
         self.step_tol_factor = positive_float("step_tol_factor", step_tol_factor)
         self.min_step_tol = positive_float("min_step_tol", min_step_tol)
         if not (isinstance(max_step, Real) and not isinstance(max_step, bool) and max_step > 0):
@@ -126,6 +129,9 @@ class ODESteadyStateSolver(_TimeStepper):
         max_step: largest step. Default ``inf``: the estimated stability limit bounds it.
         step_size: step of fixed-step steppers. Default ``1.0`` (explicit Euler with step 1 on
             ``g = f - z`` is the fixed-point iteration ``z <- f(z)``).
+        stall_time: a stall also needs this much time without progress. Default ``10.0``: more
+            than a period of a rotation at ``|lambda| = 1``, the time scale of a DEQ's
+            ``g = f - z``, within which a spiral's scaled residual need not reach a new low.
         stall_patience, divergence_factor, per_sample: the solve loop's tests (`SteadyStateSolver`).
     """
 
@@ -232,6 +238,7 @@ class VCAB3(_TimeStepper):
         max_step: largest step. Default ``inf`` (the stability limit bounds it).
         max_factor: largest step growth per step. Default ``2.0``: the Adams weights are
             accurate for nearby nodes; a larger jump extrapolates the history too far.
+        stall_time: as for `ODESteadyStateSolver`. Default ``10.0``.
         stall_patience, divergence_factor, per_sample: the solve loop's tests (`SteadyStateSolver`).
     """
 

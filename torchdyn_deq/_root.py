@@ -96,7 +96,8 @@ class BroydenSolver(RootSolver):
     """Limited-memory ("good") Broyden's method on ``g(z) = 0``, batched per sample.
 
     Keeps the inverse Jacobian estimate ``B = -I + U V^T`` of rank at most ``memory``
-    (no dense matrix, unlike torchdyn's Broyden) and updates it with Sherman-Morrison;
+    (no dense matrix, unlike torchdyn's Broyden) and updates it with Sherman-Morrison (the
+    "bad" Broyden update for a sample whose good-update denominator ``s^T B y`` vanishes);
     when memory is full the estimate restarts from ``-I`` (dropping only the oldest pair
     diverged on a rotation-like linear contraction in our tests).
 
@@ -131,8 +132,13 @@ class BroydenSolver(RootSolver):
     def decide(self, g, state, proposal, signals, options):
         U, Vt, step = state.memory
         dg = _flat(proposal.gz) - _flat(state.gz)
-        vt = self._apply_t(U, Vt, step)
-        denom = (vt * dg).sum(dim=1, keepdim=True)
+        # the "good" update B += (s - B y) s^T B / (s^T B y); where s^T B y vanishes (a rotation:
+        # s^T R s = 0) the "bad" one B += (s - B y) y^T / (y^T y), defined whenever y != 0
+        vt_good = self._apply_t(U, Vt, step)
+        denom_good = (vt_good * dg).sum(dim=1, keepdim=True)
+        good = denom_good.abs() > 1e-3 * vt_good.norm(dim=1, keepdim=True) * dg.norm(dim=1, keepdim=True)
+        vt = torch.where(good, vt_good, dg)
+        denom = torch.where(good, denom_good, (dg * dg).sum(dim=1, keepdim=True))
         ok = denom.abs() > 1e3 * torch.finfo(dg.dtype).tiny
         u = torch.where(ok, (step - self._apply(U, Vt, dg)) / torch.where(ok, denom, 1.0), 0.0)
         if U.shape[1] == self.memory:  # restart: dropping only the oldest pair can diverge
