@@ -5,6 +5,7 @@ namespace, in order. A block preceded by a ``<!-- skip -->`` line is not run.
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -66,24 +67,25 @@ def test_code_defaults():
     assert isinstance(deq.solver, td.ODESteadyStateSolver) and deq.solver.stepper == "tsit5"
     assert isinstance(deq.sensitivity, td.SteadyStateSensitivity)
     assert isinstance(deq.sensitivity.linear_solver, td.GMRES)
-    assert deq.sensitivity.linear_solver.rtol == 1e-5 and deq.sensitivity.linear_solver.atol == 1e-10
+    assert deq.sensitivity.linear_solver.rtol == 1e-5 and deq.sensitivity.linear_solver.atol == 0.0
     node = td.InfiniteTimeNeuralODE(nn.Linear(3, 3))
     assert node.max_steps == 100 and node.atol == 1e-3 and node.rtol == 1e-3
     assert isinstance(node.initializer, td.InputInitializer)
     gmres = td.GMRES()
-    assert (gmres.rtol, gmres.atol, gmres.restart, gmres.max_iters) == (1e-5, 1e-10, 20, 200)
+    assert (gmres.rtol, gmres.atol, gmres.restart, gmres.max_iters) == (1e-5, 0.0, 20, 200)
     fixed = td.FixedPointSolver()
-    assert (fixed.rtol, fixed.atol, fixed.max_iters) == (1e-5, 1e-10, 200)
+    assert (fixed.rtol, fixed.atol, fixed.max_iters) == (1e-5, 0.0, 200)
     assert td.DirectSolver().max_size == 4096
     assert td.SkipRegInitializer().weight == 0.01
     assert td.SkipInitializer(nn.Identity()).weight == 0.01
     assert td.JacobianPenalty().weight == 1.0 and td.JacobianPenalty().n_probes == 1
     ode = td.ODESteadyStateSolver()
-    assert (ode.step_tol_factor, ode.max_step, ode.min_step_tol, ode.step_size) == (0.3, 2.0, 1e-6, 1.0)
+    assert (ode.step_tol_factor, ode.max_step, ode.min_step_tol, ode.step_size, ode.stall_time) == \
+        (1.0, math.inf, 1e-6, 1.0, 10.0)
     vcab3 = td.VCAB3()
-    assert (vcab3.step_tol_factor, vcab3.max_step, vcab3.min_step_tol, vcab3.max_factor) == (0.3, 0.4, 1e-6, 2.0)
+    assert (vcab3.step_tol_factor, vcab3.max_step, vcab3.min_step_tol, vcab3.max_factor) == (1.0, math.inf, 1e-6, 2.0)
     anderson = td.AndersonAcceleration()
-    assert (anderson.stall_patience, anderson.divergence_factor) == (30, 1e4)
+    assert (anderson.stall_patience, anderson.divergence_factor, anderson.per_sample) == (30, 1e4, False)
     assert td.SteadyStateSensitivity().on_failure == "warn"
 
 
@@ -94,8 +96,9 @@ def _page(name: str) -> str:
 # (page, phrases that state a default; each is checked against the code in test_code_defaults)
 DOCUMENTED = [
     ("from-neuralode.md", ["`atol`, `rtol` (default `1e-3` each", "`max_steps` solver steps (default `100`"]),
-    ("choosing.md", ["`atol = rtol = 1e-3`", "`GMRES(rtol=1e-5, atol=1e-10, restart=20, max_iters=200)`",
-                     "`step_tol_factor=0.3`", "`max_step=2.0`", "`VCAB3(max_step=0.4)`", "`max_steps=100`"]),
+    ("choosing.md", ["`atol = rtol = 1e-3`", "`GMRES(rtol=1e-5, atol=0.0, restart=20, max_iters=200)`",
+                     "`step_tol_factor=1.0`", "`min_step_tol=1e-6`", "`stall_patience=30`", "`stall_time=10.0`",
+                     "`max_steps=100`"]),
     ("skip.md", ["`weight=0.01`"]),
     ("jacobian.md", ["`weight=1.0`", "`n_probes=1`"]),
     ("solution.md", ["`on_failure='warn'` (the default)", "`max_steps=100`"]),

@@ -80,3 +80,78 @@ def test_gmres_runs_with_autograd_enabled():
     x, info = td.GMRES(rtol=1e-12).solve(lambda u: u - 0.3 * lin(u), b)
     assert info.converged and not x.requires_grad
     torch.testing.assert_close(x - 0.3 * lin(x), b.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("solver", [td.GMRES(), td.FixedPointSolver(), td.DirectSolver()], ids=repr)
+def test_right_hand_sides_from_zero_to_1e30_give_finite_correct_answers(dtype, solver):
+    """A = I - 0.3 N per sample (a Neumann series converges too); b_i spans 0, 2.4e-28 (its
+    square underflows in float32) ... 1e30. Each sample is solved scaled, so every answer is
+    finite and has the same relative accuracy."""
+    gen = torch.Generator().manual_seed(0)
+    n = 6
+    N = torch.randn(n, n, generator=gen, dtype=torch.float64) / n ** 0.5
+    A = torch.eye(n, dtype=torch.float64) - 0.3 * N
+    scales = torch.tensor([0.0, 2.4e-28, 1e-12, 1.0, 1e12, 1e30], dtype=torch.float64)
+    b = torch.randn(len(scales), n, generator=gen, dtype=torch.float64) * scales[:, None]
+    Aw = A.to(dtype)
+    x, info = solver.solve(lambda u: u @ Aw.T, b.to(dtype))
+    assert torch.isfinite(x).all() and info.converged
+    exact = torch.linalg.solve(A, b.T).T
+    rel = (x.double() - exact).norm(dim=1) / exact.norm(dim=1).clamp_min(1e-300)
+    assert (x[0] == 0).all()
+    assert (rel[1:] <= 1e-4).all(), rel
+    assert rel[1:].max() <= 100 * rel[1:].min() + 1e-6  # the same accuracy at every scale
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.bfloat16, 1e-30), (torch.float16, 1e-6)])
+def test_half_precision_backward_with_a_tiny_cotangent(dtype, scale):
+    """bf16 / fp16 states: the backward's Krylov arithmetic runs in float32 on the scaled system,
+    so a tiny cotangent gives the scaled gradient of the unit one, not NaN or zero."""
+    from conftest import TanhLayer
+    layer = TanhLayer(d=8, m=3, dtype=dtype)
+    x = torch.randn(4, 3, dtype=dtype)
+    grads = []
+    for s in (1.0, scale):
+        model = td.DEQ(layer, state_shape=(8,), atol=1e-2, rtol=1e-2)
+        z = model(x)[1][-1]
+        grads.append(torch.autograd.grad((s * z.float()).sum(), layer.W)[0].float())
+    assert torch.isfinite(grads[1]).all() and grads[1].abs().max() > 0
+    torch.testing.assert_close(grads[1] / scale, grads[0], rtol=5e-2, atol=5e-2 * float(grads[0].abs().max()))
+
+
+def test_gmres_tiny_cotangent_float32_is_not_nan():
+    """The case of the issue: A = 2 I per sample, b = [[0, 2.4e-28], [1, -1]] gave w[0] = nan."""
+    b = torch.tensor([[0.0, 2.4e-28], [1.0, -1.0]])
+    x, info = td.GMRES().solve(lambda u: 2 * u, b)
+    torch.testing.assert_close(x, b / 2, rtol=1e-6, atol=0)
+    assert info.converged and info.iters <= 2
+
+
+def test_gradient_relative_error_does_not_depend_on_the_loss_scale():
+    """The implicit gradient at loss scales 1 and 1e-12: the same relative error (the tolerances
+    are relative to each sample's cotangent). With the old absolute atol = 1e-10 the scaled
+    loss had a 42% error at 1e-10 and a zero gradient at 1e-11."""
+    from conftest import TanhLayer
+    torch.manual_seed(0)
+    layer = TanhLayer(d=6, m=3, scale=0.9)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    ref_model = td.DEQ(layer, state_shape=(6,), atol=1e-12, rtol=1e-12,
+                       sensitivity=td.SteadyStateSensitivity(td.DirectSolver()))
+    errors = []
+    for scale in (1.0, 1e-12):
+        model = td.DEQ(layer, state_shape=(6,), atol=1e-12, rtol=1e-12)
+        grads = []
+        for m in (model, ref_model):
+            loss = scale * m(x)[1][-1].pow(2).sum()
+            grads.append(torch.autograd.grad(loss, layer.W)[0])
+        errors.append(float((grads[0] - grads[1]).norm() / grads[1].norm()))
+        assert grads[1].abs().max() > 0
+    assert errors[0] < 1e-4 and errors[1] < 1e-4 and errors[1] < 10 * errors[0] + 1e-12, errors
+
+
+def test_non_finite_cotangent_raises(layer):
+    model = td.DEQ(layer, state_shape=(3,))
+    z = model(torch.randn(4, 2, dtype=torch.float64))[1][-1]
+    with pytest.raises(td.NonFiniteError, match="cotangent"):
+        (z * float("nan")).sum().backward()

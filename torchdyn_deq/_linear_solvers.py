@@ -4,30 +4,37 @@ Each solver solves ``A w = b`` for a batch of independent systems: ``b`` has sha
 ``(batch, n)`` and ``matvec(w)`` applies the block-diagonal operator ``A`` to every sample
 at once (one vector-Jacobian product). Convergence is judged per sample:
 ``||b_i - A w_i|| <= max(atol, rtol * ||b_i||)``.
+
+Every system is solved scaled: ``b_i`` is divided by ``s_i = max |b_i|`` first and the answer
+multiplied back (``A`` is linear, so this is exact). A zero right-hand side then gives exactly
+``w_i = 0``, a tiny one (a cross-entropy cotangent of 1e-28, whose square underflows in
+float32) or a huge one a finite, correct answer, and with ``atol = 0`` (the default) the
+relative accuracy of the solution does not depend on the scale of the loss.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import Tensor
+
+from ._checks import non_negative_float, positive_int
+from ._solution import Result
 
 MatVec = Callable[[Tensor], Tensor]
 
 
 @dataclass
 class LinearSolveInfo:
-    """Iterations (matvecs) used, worst relative residual reached, and whether all samples converged."""
+    """Iterations (matvecs) used, worst relative residual ``||b - A w|| / ||b||`` reached, whether
+    all samples converged, and the `Result` (``converged``, ``max_steps``, or ``breakdown``
+    for an operator singular on the Krylov space)."""
 
     iters: int
     residual: float
     converged: bool
-
-
-def _check_positive(name: str, value, allow_zero: bool = False) -> None:
-    if not isinstance(value, (int, float)) or value != value or (value < 0 if allow_zero else value <= 0):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+    result: Result = Result.converged
 
 
 def _norm(x: Tensor) -> Tensor:
@@ -35,27 +42,37 @@ def _norm(x: Tensor) -> Tensor:
 
 
 class LinearSolver:
-    """Base class: ``solve(matvec, b, x0=None) -> (w, LinearSolveInfo)`` on ``(batch, n)`` tensors."""
+    """Base class: ``solve(matvec, b) -> (w, LinearSolveInfo)`` on ``(batch, n)`` tensors.
+
+    ``solve`` scales each sample's system by ``max |b_i|`` and calls ``_solve`` on the scaled
+    one, with per-sample tolerances ``tol_i`` on ``||b_i - A w_i||`` in scaled units."""
 
     def __init__(self, rtol: float, atol: float, max_iters: int):
-        _check_positive("rtol", rtol, allow_zero=True)
-        _check_positive("atol", atol, allow_zero=True)
-        if not isinstance(max_iters, int) or max_iters < 1:
-            raise ValueError(f"max_iters must be a positive integer, got {max_iters!r}")
-        self.rtol, self.atol, self.max_iters = float(rtol), float(atol), max_iters
+        self.rtol, self.atol = non_negative_float("rtol", rtol), non_negative_float("atol", atol)
+        self.max_iters = positive_int("max_iters", max_iters)
 
-    def _targets(self, b: Tensor) -> tuple[Tensor, Tensor]:
-        bnorm = _norm(b)
-        return bnorm, torch.clamp(self.rtol * bnorm, min=self.atol)
+    @torch.no_grad()  # the solution carries no graph; matvec may still call torch.autograd.grad
+    def solve(self, matvec: MatVec, b: Tensor):
+        scale = b.abs().amax(dim=1)
+        zero = scale == 0
+        scale = torch.where(zero, torch.ones_like(scale), scale)
+        bs = b / scale[:, None]
+        bnorm = _norm(bs)
+        tol = torch.clamp(self.rtol * bnorm, min=self.atol / scale)
+        tol = torch.where(zero, torch.full_like(tol, torch.inf), tol)  # w_i = 0 solves b_i = 0 exactly
+        w, info = self._solve(matvec, bs, bnorm, tol)
+        return w * scale[:, None], info
+
+    def _solve(self, matvec: MatVec, b: Tensor, bnorm: Tensor, tol: Tensor):
+        raise NotImplementedError
 
     @staticmethod
-    def _info(iters: int, r: Tensor, bnorm: Tensor, tol: Tensor) -> LinearSolveInfo:
+    def _info(iters: int, r: Tensor, bnorm: Tensor, tol: Tensor, breakdown: bool = False) -> LinearSolveInfo:
         rnorm = _norm(r)
-        rel = (rnorm / torch.clamp(bnorm, min=torch.finfo(bnorm.dtype).tiny)).max()
-        return LinearSolveInfo(iters, float(rel) if rel.numel() else 0.0, bool((rnorm <= tol).all()))
-
-    def solve(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None):
-        raise NotImplementedError
+        rel = torch.where(bnorm > 0, rnorm / bnorm.clamp_min(torch.finfo(bnorm.dtype).tiny), 0.0).max()
+        converged = bool((rnorm <= tol).all())
+        result = Result.converged if converged else Result.breakdown if breakdown else Result.max_steps
+        return LinearSolveInfo(iters, float(rel) if rel.numel() else 0.0, converged, result)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -75,37 +92,33 @@ class GMRES(LinearSolver):
         rtol: relative tolerance. Default ``1e-5``: far below the forward solve's error,
             so the gradient error is set by the forward tolerance, and cheap (a
             contractive DEQ needs 5-15 iterations).
-        atol: absolute tolerance, for cotangents that are exactly zero. Default ``1e-10``.
+        atol: absolute floor of the residual. Default ``0.0``: the tolerance is relative to
+            each sample's ``||b_i||`` (a zero cotangent is solved exactly by the scaling).
         restart: Krylov subspace size before a restart. Default ``20``.
         max_iters: total matvecs allowed. Default ``200``.
         reorthogonalize: a second Gram-Schmidt pass per iteration ("twice is enough"), which
             keeps the basis orthogonal to round-off. Default ``True``.
 
-    ``solve`` runs without autograd (``matvec`` may still call ``torch.autograd.grad``): the
-    solution carries no graph. An operator that is singular on the Krylov space (a zero
-    Hessenberg column) stalls the residual estimate; the solve then ends at ``max_iters``,
-    reported as not converged with the true residual.
+    An operator that is singular on the Krylov space (a zero Hessenberg column) stalls the
+    residual estimate; the solve then ends at ``max_iters`` with `Result.breakdown` and the
+    true residual.
     """
 
-    def __init__(self, rtol: float = 1e-5, atol: float = 1e-10, restart: int = 20, max_iters: int = 200,
+    def __init__(self, rtol: float = 1e-5, atol: float = 0.0, restart: int = 20, max_iters: int = 200,
                  reorthogonalize: bool = True):
         super().__init__(rtol, atol, max_iters)
-        if not isinstance(restart, int) or restart < 1:
-            raise ValueError(f"restart must be a positive integer, got {restart!r}")
-        self.restart, self.reorthogonalize = restart, bool(reorthogonalize)
+        self.restart, self.reorthogonalize = positive_int("restart", restart), bool(reorthogonalize)
 
-    @torch.no_grad()  # in-place writes into views of the Krylov basis; the result carries no graph
-    def solve(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None):
-        bnorm, tol = self._targets(b)
-        x = torch.zeros_like(b) if x0 is None else x0.clone()
-        r = b if x0 is None else b - matvec(x)
-        iters = int(x0 is not None)
+    def _solve(self, matvec, b, bnorm, tol):
+        x = torch.zeros_like(b)
+        r = b
+        iters, broke = 0, torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
         tiny = torch.finfo(b.dtype).tiny
         batch, n = b.shape
         while True:
             beta = _norm(r)
             if bool((beta <= tol).all()) or iters >= self.max_iters:
-                return x, self._info(iters, r, bnorm, tol)
+                return x, self._info(iters, r, bnorm, tol, breakdown=bool(broke.any()))
             m = min(self.restart, self.max_iters - iters)
             basis = b.new_empty(batch, m + 1, n)
             R = b.new_zeros(batch, m, m)
@@ -135,7 +148,8 @@ class GMRES(LinearSolver):
                 denom = torch.hypot(cj, hn)
                 # denom = 0: A v_j = 0, the operator is singular on the Krylov space. The rotation is
                 # then the identity and the residual does not fall (a zero rotation claimed convergence)
-                singular = denom <= tiny
+                singular = (denom <= tiny) & (estimate > tol)
+                broke = broke | singular
                 inv = denom.clamp_min(tiny).reciprocal()
                 cs, sn = torch.where(singular, 1.0, cj * inv), hn * inv
                 col[:, j] = denom
@@ -158,7 +172,7 @@ class GMRES(LinearSolver):
             x = torch.baddbmm(x[:, None], y[:, None], basis[:, :k])[:, 0]
             if bool((estimate <= tol).all()):
                 # the Arnoldi residual estimate is exact in exact arithmetic: no extra matvec
-                rel = (estimate / bnorm.clamp_min(tiny)).max()
+                rel = torch.where(bnorm > 0, estimate / bnorm.clamp_min(tiny), 0.0).max()
                 return x, LinearSolveInfo(iters, float(rel), True)
             r = b - matvec(x)
             iters += 1
@@ -173,18 +187,15 @@ class FixedPointSolver(LinearSolver):
 
     Args:
         rtol: relative tolerance. Default ``1e-5``.
-        atol: absolute tolerance. Default ``1e-10``.
+        atol: absolute floor of the residual. Default ``0.0`` (relative to ``||b_i||``).
         max_iters: matvecs allowed. Default ``200``.
     """
 
-    def __init__(self, rtol: float = 1e-5, atol: float = 1e-10, max_iters: int = 200):
+    def __init__(self, rtol: float = 1e-5, atol: float = 0.0, max_iters: int = 200):
         super().__init__(rtol, atol, max_iters)
 
-    def solve(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None):
-        bnorm, tol = self._targets(b)
-        x = torch.zeros_like(b) if x0 is None else x0.clone()
-        r = b if x0 is None else b - matvec(x)
-        iters = int(x0 is not None)
+    def _solve(self, matvec, b, bnorm, tol):
+        x, r, iters = torch.zeros_like(b), b, 0
         while iters < self.max_iters and not bool((_norm(r) <= tol).all()):
             x = x + r
             r = b - matvec(x)
@@ -205,7 +216,7 @@ class DirectSolver(LinearSolver):
         super().__init__(0.0, 0.0, 1)
         self.max_size = max_size
 
-    def solve(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None):
+    def _solve(self, matvec, b, bnorm, tol):
         batch, n = b.shape
         if n > self.max_size:
             raise ValueError(
@@ -217,6 +228,5 @@ class DirectSolver(LinearSolver):
         A = torch.stack(cols, dim=2)
         x = torch.linalg.solve(A, b)
         r = b - torch.bmm(A, x[:, :, None])[..., 0]
-        bnorm = _norm(b)
-        tol = torch.clamp(1e3 * torch.finfo(b.dtype).eps * bnorm, min=torch.finfo(b.dtype).tiny)
-        return x, self._info(n, r, bnorm, tol)
+        exact = torch.clamp(1e3 * torch.finfo(b.dtype).eps * bnorm, min=torch.finfo(b.dtype).tiny)
+        return x, self._info(n, r, bnorm, torch.where(torch.isinf(tol), tol, exact))

@@ -154,6 +154,7 @@ class _Tracker:
         self.nfe_per_sample = torch.full((batch,), -1, dtype=torch.long, device=z0.device)
         self.rows: Optional[Tensor] = None  # the samples still stepped (None: all)
         self.stall, self.stall_since = 0, 0.0  # steps and time since the last progress
+        self.growth = 0.0  # the latest max ||z|| / (divergence_factor * start scale)
         self.states: List[Tuple[float, Tensor]] = []
 
     def _sub(self, x: Tensor) -> Tensor:
@@ -174,6 +175,7 @@ class _Tracker:
     def commit(self, m: _Measure, host: Sequence[float], nfe: int, t: float, accepted: int) -> Optional[Result]:
         """Record an accepted iterate; return the result if the solve ends with it."""
         worst, improved, growth, rise = host
+        self.growth = growth
         if not math.isfinite(worst):
             raise NonFiniteError(f"non-finite values appeared at step {accepted}, t={t:.4g}: the vector field "
                                  "produced NaN/inf, or the dynamics diverge. " + Result.non_finite.remedy)
@@ -201,11 +203,15 @@ class _Tracker:
         else:
             self.stall += 1
         if self.stall >= self.solver.stall_patience and t - self.stall_since >= self.solver.stall_time:
-            # a residual that stops falling while the state has grown far beyond its start is a
-            # state running away (its scaled residual saturates near 1 / rtol), not a stall
-            grown = growth * self.solver.divergence_factor > self.solver.divergence_factor ** 0.5
-            return Result.diverged if grown else Result.stalled
+            return Result.diverged if self.running_away else Result.stalled
         return None
+
+    @property
+    def running_away(self) -> bool:
+        """The residual is not falling while the state has grown far beyond its start: a state
+        running away (its scaled residual saturates near 1 / rtol), not a stall or a slow solve."""
+        factor = self.solver.divergence_factor
+        return self.stall > 0 and self.growth * factor > factor ** 0.5
 
     def finish(self, z0: Tensor, t: float, iterations: int, nfe: int, accepted: int, rejected: int,
                result: Result, message: str) -> SteadyStateSolution:
@@ -274,7 +280,8 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
             if pending is not None:
                 result = track.commit(pending, torch.stack(pending.host).tolist(), count.n, state.t, accepted)
                 pending = None
-            result = result or (Result.budget if options.budget else Result.max_steps)
+            if result is None:
+                result = Result.budget if options.budget else Result.diverged if track.running_away else Result.max_steps
             break
         proposal = solver.propose(count, state, options)
         cand = None if proposal.gz is None else track.measure(proposal.z, proposal.gz)

@@ -63,8 +63,10 @@ class InfiniteTimeNeuralODE(NeuralODE):
         sensitivity: ``'steady_state'`` (default, implicit), ``'autograd'`` (backprop through
             the solver), ``'jacobian_free'`` (approximate: no linear solve, see
             `JacobianFreeSensitivity`), or a `Sensitivity` instance.
-        atol_adjoint: absolute tolerance of the backward GMRES solve when
-            ``sensitivity='steady_state'``. Default ``1e-10``.
+        atol_adjoint: absolute floor of the backward GMRES residual when
+            ``sensitivity='steady_state'``. Default ``0.0``: the tolerance is relative to each
+            sample's cotangent, so the gradient's relative accuracy does not depend on the scale
+            of the loss.
         rtol_adjoint: its relative tolerance. Default ``1e-5``.
         return_t_eval: return ``(t_eval, sol)`` (default) or ``sol`` alone.
         initializer: starting state: ``'input'`` (default: ``z0 = x`` as in ``NeuralODE``),
@@ -88,7 +90,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
     def __init__(self, vector_field: Union[Callable, nn.Module], solver: Union[str, nn.Module, SteadyStateSolver] = "tsit5",
                  order: int = 1, atol: float = 1e-3, rtol: float = 1e-3,
                  sensitivity: Union[str, Sensitivity] = "steady_state", solver_adjoint=None,
-                 atol_adjoint: float = 1e-10, rtol_adjoint: float = 1e-5, interpolator=None, integral_loss=None,
+                 atol_adjoint: float = 0.0, rtol_adjoint: float = 1e-5, interpolator=None, integral_loss=None,
                  seminorm: bool = False, return_t_eval: bool = True, optimizable_params: Sequence = (), *,
                  initializer: Union[str, Initializer] = "input", state_shape: Optional[Tuple[int, ...]] = None,
                  max_steps: int = 100, on_failure: str = "warn", jacobian_penalty: Optional[JacobianPenalty] = None,

@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._linear_solvers import GMRES, LinearSolver
-from ._solution import SteadyStateSolution, check_failure_mode, report_failure
+from ._solution import NonFiniteError, Result, SteadyStateSolution, check_failure_mode, report_failure
 
 
 class Sensitivity:
@@ -92,13 +92,22 @@ class SteadyStateSensitivity(Sensitivity):
             (vjp,) = torch.autograd.grad(gz, z_leaf, u.view(shape).to(gz.dtype), retain_graph=True, allow_unused=True)
             return torch.zeros_like(u) if vjp is None else -vjp.reshape(batch, -1).to(work)
 
-        w, info = self.linear_solver.solve(matvec, v.reshape(batch, -1).to(work))
+        b = v.reshape(batch, -1).to(work)
+        if not bool(torch.isfinite(b).all()):
+            raise NonFiniteError("the cotangent of the steady state contains NaN or inf: the loss or the layers after "
+                                 "the DEQ produced it. " + Result.non_finite.remedy)
+        w, info = self.linear_solver.solve(matvec, b)
         record.backward_iters, record.backward_residual = info.iters, info.residual
+        if not bool(torch.isfinite(w).all()):
+            raise NonFiniteError(f"non-finite values appeared in the implicit backward linear solve "
+                                 f"({self.linear_solver!r}, {info.iters} iterations): the vector-Jacobian products "
+                                 "of g at z* are not finite. " + Result.non_finite.remedy)
         if not info.converged:
             report_failure(
                 f"the implicit backward linear solve ({self.linear_solver!r}) stopped after {info.iters} "
-                f"iterations at relative residual {info.residual:.3g}: gradients are inaccurate. Raise "
-                "max_iters, loosen rtol, solve the forward pass more tightly, or add Jacobian regularization",
+                f"iterations ({info.result}) at relative residual {info.residual:.3g}: gradients are inaccurate. "
+                + (Result.breakdown.remedy[0].upper() + Result.breakdown.remedy[1:] if info.result is Result.breakdown else
+                   "Raise max_iters, loosen rtol, solve the forward pass more tightly, or add Jacobian regularization"),
                 self.on_failure,
             )
         return w.view(shape).to(v.dtype)
