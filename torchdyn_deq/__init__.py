@@ -6,7 +6,8 @@ from ._linear_solvers import GMRES, DirectSolver, FixedPointSolver, LinearSolveI
 from ._models import DEQ, DEQVectorField, InfiniteTimeNeuralODE
 from ._regularizers import JacobianPenalty, spectral_radius
 from ._root_solvers import AndersonAcceleration, BroydenSolver, FixedPointIteration, RootSolver
-from ._sensitivity import AutogradSensitivity, JacobianFreeSensitivity, Sensitivity, SteadyStateSensitivity
+from ._sensitivity import (AutogradSensitivity, JacobianFreeSensitivity, PhantomSensitivity, Sensitivity,
+                           SteadyStateSensitivity)
 from ._solution import ConvergenceError, ConvergenceWarning, NonFiniteError, SteadyStateSolution
 from ._steady_state import ODESteadyStateSolver, SteadyStateSolver, scaled_residual
 from . import multiscale
@@ -19,7 +20,7 @@ __all__ = [
     "InfiniteTimeNeuralODE", "DEQ", "DEQVectorField",
     "SteadyStateSolver", "ODESteadyStateSolver", "VCAB3", "adams_bashforth_weights", "RootSolver", "FixedPointIteration",
     "AndersonAcceleration", "BroydenSolver", "scaled_residual",
-    "Sensitivity", "SteadyStateSensitivity", "AutogradSensitivity", "JacobianFreeSensitivity",
+    "Sensitivity", "SteadyStateSensitivity", "AutogradSensitivity", "JacobianFreeSensitivity", "PhantomSensitivity",
     "LinearSolver", "GMRES", "FixedPointSolver", "DirectSolver", "LinearSolveInfo",
     "Initializer", "ZerosInitializer", "InputInitializer", "SkipInitializer", "SkipRegInitializer",
     "JacobianPenalty", "spectral_radius",
