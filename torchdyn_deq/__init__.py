@@ -1,9 +1,12 @@
 """Continuous Deep Equilibrium Models (infinite-time Neural ODEs) for torchdyn."""
 from ._adams import VCAB3, adams_bashforth_weights
+from ._dropout import (VariationalDropout, VariationalDropout1d, VariationalDropout2d, VariationalDropout3d,
+                       reset_dropout)
 from ._initializers import (Initializer, InputInitializer, SkipInitializer, SkipRegInitializer,
                             ZerosInitializer)
 from ._linear_solvers import GMRES, DirectSolver, FixedPointSolver, LinearSolveInfo, LinearSolver
 from ._models import DEQ, DEQVectorField, InfiniteTimeNeuralODE
+from ._norms import apply_norm, remove_norm, reset_norm
 from ._regularizers import JacobianPenalty, spectral_radius
 from ._root_solvers import AndersonAcceleration, BroydenSolver, FixedPointIteration, RootSolver
 from ._sensitivity import (AutogradSensitivity, JacobianFreeSensitivity, PhantomSensitivity, Sensitivity,
@@ -24,6 +27,8 @@ __all__ = [
     "LinearSolver", "GMRES", "FixedPointSolver", "DirectSolver", "LinearSolveInfo",
     "Initializer", "ZerosInitializer", "InputInitializer", "SkipInitializer", "SkipRegInitializer",
     "JacobianPenalty", "spectral_radius",
+    "apply_norm", "reset_norm", "remove_norm",
+    "VariationalDropout", "VariationalDropout1d", "VariationalDropout2d", "VariationalDropout3d", "reset_dropout",
     "SteadyStateSolution", "ConvergenceWarning", "ConvergenceError", "NonFiniteError",
     "multiscale", "MultiscaleState", "MDEQLayer", "MDEQClassifier", "MultiscaleNeuralODE", "mdeq_small", "mdeq_large",
     "__version__",
