@@ -18,7 +18,7 @@ gradient, ``k`` for phantom gradients); backward iterations per step (the implic
 solve's iterations, ``k`` VJPs for phantom gradients); the median time of a training step
 (forward, backward, optimizer) and of a no-grad prediction::
 
-    python benchmarks/torchdeq_side_by_side.py --threads 1        # about 4 minutes on one core
+    python benchmarks/torchdeq_side_by_side.py --threads 1        # about 1-2 minutes on one core
     python benchmarks/torchdeq_side_by_side.py --smoke --out-dir /tmp/x   # seconds: wiring check
 
 Results: ``benchmarks/results/torchdeq_side_by_side.{md,json}`` (or ``--out-dir``).
@@ -80,14 +80,15 @@ class TorchDEQCore(nn.Module):
                                     f_stop_mode="rel", b_solver="broyden", b_max_iter=MAX_ITER, b_tol=BACKWARD_TOL,
                                     b_stop_mode="rel", **grad)
         self.backward_iters = PHANTOM_STEPS if phantom else None
-        self.phantom = phantom
+        self.tol, self.converged = tol, True
 
     def _record(self, info: dict) -> None:
         self.backward_iters = int(info["nstep"].max())
 
     def forward(self, x: Tensor) -> Tensor:
         torchdeq.reset_deq(self.layer)
-        z_out, _ = self.deq(lambda z: self.layer(z, x), torch.zeros_like(x), backward_writer=self._record)
+        z_out, info = self.deq(lambda z: self.layer(z, x), torch.zeros_like(x), backward_writer=self._record)
+        self.converged = float(info["rel_lowest"].max()) <= self.tol
         return z_out[-1]
 
 
@@ -104,6 +105,10 @@ class OurCore(nn.Module):
     def backward_iters(self) -> Optional[int]:
         sol = self.deq.solution
         return None if sol is None else sol.backward_iters
+
+    @property
+    def converged(self) -> bool:
+        return self.deq.solution.converged
 
     def forward(self, x: Tensor) -> Tensor:
         return self.deq(x)[1][-1]
@@ -148,6 +153,10 @@ class Method:
     forward_nfe: List[int] = field(default_factory=list)
     backward_iters: List[int] = field(default_factory=list)
     losses: List[float] = field(default_factory=list)
+    unconverged: int = 0
+    predict_s: List[float] = field(default_factory=list)
+    test_nfe: List[int] = field(default_factory=list)
+    correct: int = 0
 
 
 def make_methods(seed: int, tol: float, names: Optional[List[str]] = None) -> List[Method]:
@@ -181,21 +190,22 @@ def train_step(method: Method, x: Tensor, y: Tensor) -> None:
     method.forward_nfe.append(forward_calls)
     method.backward_iters.append(method.net.core.backward_iters or 0)
     method.losses.append(float(loss))
+    method.unconverged += not method.net.core.converged
 
 
-def evaluate(method: Method, x: Tensor, y: Tensor, batch: int) -> Dict[str, float]:
-    method.net.eval()
-    correct, times, calls = 0, [], []
+def evaluate(methods: List[Method], x: Tensor, y: Tensor, batch: int) -> None:
+    """Eval mode (dropout off), no gradients; interleaved batch by batch like the training."""
+    for method in methods:
+        method.net.eval()
     with torch.no_grad():
         for i in range(0, len(y), batch):
-            start_calls = method.layer.calls
-            start = time.perf_counter()
-            logits = method.net(x[i:i + batch])
-            times.append(time.perf_counter() - start)
-            calls.append(method.layer.calls - start_calls)
-            correct += int((logits.argmax(1) == y[i:i + batch]).sum())
-    return {"test_accuracy": 100.0 * correct / len(y), "predict_ms": 1e3 * statistics.median(times),
-            "test_nfe": statistics.mean(calls)}
+            for method in methods:
+                start_calls = method.layer.calls
+                start = time.perf_counter()
+                logits = method.net(x[i:i + batch])
+                method.predict_s.append(time.perf_counter() - start)
+                method.test_nfe.append(method.layer.calls - start_calls)
+                method.correct += int((logits.argmax(1) == y[i:i + batch]).sum())
 
 
 def run(epochs: int, seed: int, tol: float, n_train: Optional[int], n_test: Optional[int]) -> List[dict]:
@@ -214,10 +224,13 @@ def run(epochs: int, seed: int, tol: float, n_train: Optional[int], n_test: Opti
             idx = perm[i:i + BATCH]
             for method in methods:  # interleaved: the same batch, the same machine state
                 train_step(method, x_train[idx], y_train[idx])
+    evaluate(methods, x_test, y_test, BATCH)
     rows = []
     for method in methods:
         rows.append({
-            "method": method.name, **evaluate(method, x_test, y_test, BATCH),
+            "method": method.name, "test_accuracy": 100.0 * method.correct / len(y_test),
+            "test_nfe": statistics.mean(method.test_nfe), "predict_ms": 1e3 * statistics.median(method.predict_s),
+            "unconverged_train_pct": 100.0 * method.unconverged / len(method.step_s),
             "forward_nfe": statistics.mean(method.forward_nfe),
             "backward_iters": statistics.mean(method.backward_iters),
             "step_ms": 1e3 * statistics.median(method.step_s),
@@ -228,20 +241,21 @@ def run(epochs: int, seed: int, tol: float, n_train: Optional[int], n_test: Opti
 
 
 COLUMNS = ("Method", "Test acc. (%)", "Forward f evals / step", "Backward iters / step", "Train step (ms, median)",
-           "Predict (ms / batch, median)", "Test NFE", "Final train loss")
+           "Predict (ms / batch, median)", "Test NFE", "Unconverged train solves (%)", "Final train loss")
 
 
 def markdown(rows: List[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         lines.append(f"| {r['method']} | {r['test_accuracy']:.2f} | {r['forward_nfe']:.1f} | {r['backward_iters']:.1f} "
-                     f"| {r['step_ms']:.2f} | {r['predict_ms']:.2f} | {r['test_nfe']:.1f} | {r['final_train_loss']:.3f} |")
+                     f"| {r['step_ms']:.2f} | {r['predict_ms']:.2f} | {r['test_nfe']:.1f} | {r['unconverged_train_pct']:.1f} "
+                     f"| {r['final_train_loss']:.3f} |")
     return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tol", type=float, default=1e-3, help="forward tolerance of every method")
     parser.add_argument("--threads", type=int, default=1)
