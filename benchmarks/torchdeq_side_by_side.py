@@ -248,7 +248,8 @@ def markdown(rows: List[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         lines.append(f"| {r['method']} | {r['test_accuracy']:.2f} | {r['forward_nfe']:.1f} | {r['backward_iters']:.1f} "
-                     f"| {r['step_ms']:.2f} | {r['predict_ms']:.2f} | {r['test_nfe']:.1f} | {r['unconverged_train_pct']:.1f} "
+                     f"| {r['step_ms']:.2f} | {r['predict_ms']:.2f} | {r['test_nfe']:.1f} "
+                     f"| {r['unconverged_train_pct']:.1f} "
                      f"| {r['final_train_loss']:.3f} |")
     return "\n".join(lines)
 

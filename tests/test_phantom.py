@@ -77,7 +77,8 @@ def test_gradient_is_that_of_the_unrolled_damped_map(solver):
             value = unrolled(x, params)
         return value + (z_star - z_star.detach())
 
-    assert torch.autograd.gradcheck(value_of_the_map_gradient_of_the_model, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-6)
+    assert torch.autograd.gradcheck(value_of_the_map_gradient_of_the_model, (x, *params), eps=1e-6, atol=1e-7,
+                                    rtol=1e-6)
 
 
 def test_general_vector_field_is_a_damped_euler_step():
