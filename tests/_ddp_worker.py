@@ -50,6 +50,23 @@ class TanhLayer(nn.Module):
         return torch.tanh(z @ self.W.T + x + self.b)
 
 
+class NormedLayer(nn.Module):
+    """f(z, x) = tanh(lin(z) + x) with weight norm on ``lin`` (``td.apply_norm``): the
+    parametrization's stored tensors are what DDP all-reduces."""
+
+    def __init__(self, d: int, gen: torch.Generator):
+        super().__init__()
+        self.lin = nn.Linear(d, d).to(DTYPE)
+        with torch.no_grad():
+            w = torch.randn(d, d, generator=gen, dtype=DTYPE)
+            self.lin.weight.copy_(0.5 * w / torch.linalg.matrix_norm(w, ord=2))
+            self.lin.bias.copy_(0.1 * torch.randn(d, generator=gen, dtype=DTYPE))
+        td.apply_norm(self, "weight_norm")
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(z) + x)
+
+
 def multiscale_layer(seed: int):
     """The contractive 2-scale MDEQ layer of tests/test_multiscale.py (2 channels at 8x8, 4 at
     4x4): Bai et al.'s small convolutions and a post-fusion GroupNorm scale of 0.1; injected
@@ -67,7 +84,8 @@ def multiscale_layer(seed: int):
 
 class DEQClassifier(pl.LightningModule):
     """encoder Linear -> td.DEQ -> classifier Linear; plain SGD (no momentum). ``solver``:
-    a solver name for the tanh layer, or ``'multiscale'`` for a 2-scale MDEQ layer (tsit5)."""
+    a solver name for the tanh layer, ``'weight_norm'`` for it with ``td.apply_norm`` (Anderson), or
+    ``'multiscale'`` for a 2-scale MDEQ layer (vcab3)."""
 
     def __init__(self, solver: str = "tsit5", lr: float = LR, seed: int = 0):
         super().__init__()
@@ -79,6 +97,9 @@ class DEQClassifier(pl.LightningModule):
             state, layer = multiscale_layer(seed)
             n_injected, n_state, self.injection_shape = 2 * 8 * 8, state.size, (2, 8, 8)
             solver, options = "vcab3", dict(atol=0.05, rtol=0.05, max_steps=18, on_failure="warn")
+        elif solver == "weight_norm":  # the tanh layer on nn.Linear with weight norm, Anderson
+            layer, n_injected, n_state, self.injection_shape = NormedLayer(N_STATE, gen), N_STATE, N_STATE, (N_STATE,)
+            solver = "anderson"
         else:
             layer, n_injected, n_state, self.injection_shape = TanhLayer(N_STATE, gen), N_STATE, N_STATE, (N_STATE,)
         self.encoder = nn.Linear(N_IN, n_injected).to(DTYPE)

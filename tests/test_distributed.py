@@ -47,7 +47,7 @@ def _max_diff(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("solver", ["tsit5", "anderson", "multiscale"])
+@pytest.mark.parametrize("solver", ["tsit5", "anderson", "multiscale", "weight_norm"])
 def test_ddp_two_processes_match_single_process(solver, tmp_path):
     torch.set_num_threads(1)
     proc = subprocess.run([sys.executable, str(WORKER), solver, str(tmp_path)], cwd=REPO,

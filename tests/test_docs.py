@@ -5,6 +5,7 @@ namespace, in order. A block preceded by a ``<!-- skip -->`` line is not run.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from pathlib import Path
@@ -87,6 +88,15 @@ def test_code_defaults():
     anderson = td.AndersonAcceleration()
     assert (anderson.stall_patience, anderson.divergence_factor, anderson.per_sample) == (30, 1e4, False)
     assert td.SteadyStateSensitivity().on_failure == "warn"
+    phantom = td.PhantomSensitivity()
+    assert (phantom.steps, phantom.damping) == (5, 0.5)
+    named = td.DEQ(_layer, sensitivity="phantom").sensitivity
+    assert (named.steps, named.damping) == (5, 0.5)
+    assert td.VariationalDropout().p == 0.5 and td.VariationalDropout().shared_dims == ()
+    assert inspect.signature(td.reset_norm).parameters["n_power_iterations"].default == 15
+    assert inspect.signature(td.apply_norm).parameters["norm"].default == "weight_norm"
+    spectral = inspect.signature(torch.nn.utils.parametrizations.spectral_norm).parameters
+    assert spectral["n_power_iterations"].default == 1  # apply_norm passes torch's default on
 
 
 def _page(name: str) -> str:
@@ -102,6 +112,9 @@ DOCUMENTED = [
     ("skip.md", ["`weight=0.01`"]),
     ("jacobian.md", ["`weight=1.0`", "`n_probes=1`"]),
     ("solution.md", ["`on_failure='warn'` (the default)", "`max_steps=100`"]),
+    ("torchdeq.md", ["`sensitivity='phantom'` (`steps=5, damping=0.5`)", "`max_steps` (default `100`)",
+                     "`atol`, `rtol` (default `1e-3` each)", "`n_power_iterations` (default `1`, torch's)"]),
+    ("choosing.md", ["`PhantomSensitivity(steps=5, damping=0.5)`"]),
 ]
 
 

@@ -1,13 +1,17 @@
 """Continuous Deep Equilibrium Models (infinite-time Neural ODEs) for torchdyn."""
+from ._dropout import (VariationalDropout, VariationalDropout1d, VariationalDropout2d, VariationalDropout3d,
+                       reset_dropout)
 from ._initializers import (Initializer, InputInitializer, SkipInitializer, SkipRegInitializer,
                             ZerosInitializer)
 from ._linear_solvers import GMRES, DirectSolver, FixedPointSolver, LinearSolveInfo, LinearSolver
-from ._models import DEQ, DEQVectorField, InfiniteTimeNeuralODE
-from ._regularizers import JacobianPenalty, spectral_radius
 from ._loop import SteadyStateSolver, scaled_residual, steady_state_solve
+from ._models import DEQ, DEQVectorField, InfiniteTimeNeuralODE
+from ._norms import apply_norm, remove_norm, reset_norm
 from ._ode import VCAB3, ODESteadyStateSolver, Tableau, adams_bashforth_weights
+from ._regularizers import JacobianPenalty, spectral_radius
 from ._root import AndersonAcceleration, BroydenSolver, FixedPointIteration, RootSolver
-from ._sensitivity import AutogradSensitivity, JacobianFreeSensitivity, Sensitivity, SteadyStateSensitivity
+from ._sensitivity import (AutogradSensitivity, JacobianFreeSensitivity, PhantomSensitivity, Sensitivity,
+                           SteadyStateSensitivity)
 from ._solution import (ConvergenceError, ConvergenceWarning, NonFiniteError, Result, SolveOptions,
                         SteadyStateSolution)
 from ._step_control import StabilityRegion, StepController
@@ -22,10 +26,12 @@ __all__ = [
     "steady_state_solve", "SolveOptions", "Result", "StepController", "StabilityRegion", "Tableau",
     "SteadyStateSolver", "ODESteadyStateSolver", "VCAB3", "adams_bashforth_weights", "RootSolver", "FixedPointIteration",
     "AndersonAcceleration", "BroydenSolver", "scaled_residual",
-    "Sensitivity", "SteadyStateSensitivity", "AutogradSensitivity", "JacobianFreeSensitivity",
+    "Sensitivity", "SteadyStateSensitivity", "AutogradSensitivity", "JacobianFreeSensitivity", "PhantomSensitivity",
     "LinearSolver", "GMRES", "FixedPointSolver", "DirectSolver", "LinearSolveInfo",
     "Initializer", "ZerosInitializer", "InputInitializer", "SkipInitializer", "SkipRegInitializer",
     "JacobianPenalty", "spectral_radius",
+    "apply_norm", "reset_norm", "remove_norm",
+    "VariationalDropout", "VariationalDropout1d", "VariationalDropout2d", "VariationalDropout3d", "reset_dropout",
     "SteadyStateSolution", "ConvergenceWarning", "ConvergenceError", "NonFiniteError",
     "multiscale", "MultiscaleState", "MDEQLayer", "MDEQClassifier", "MultiscaleNeuralODE", "mdeq_small", "mdeq_large",
     "__version__",

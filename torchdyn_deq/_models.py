@@ -13,8 +13,10 @@ from torchdyn.core import NeuralODE
 from torchdyn.core.defunc import DEFuncBase
 
 from ._checks import non_negative_float, optional, positive_float, positive_int
+from ._dropout import dropout_modules, reset_dropout
 from ._initializers import Initializer
 from ._loop import SteadyStateSolver, steady_state_solve
+from ._norms import computed_once
 from ._regularizers import JacobianPenalty
 from ._registry import make_initializer, make_sensitivity, make_solver
 from ._sensitivity import Sensitivity
@@ -171,6 +173,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
         field = self.vf.vf
         timed = [m for _, m in field.named_modules() if hasattr(m, "t")]
         controlled = self._controlled()
+        dropouts = dropout_modules(field)
 
         def g(t: Tensor, z: Tensor) -> Tensor:
             g.calls += 1
@@ -185,15 +188,22 @@ class InfiniteTimeNeuralODE(NeuralODE):
             """``g`` on a subset of the batch: the injected inputs restricted to ``rows``."""
             full = [m._control for m in controlled]
             subsets = [c.index_select(0, rows) for c in full]
+            # the variational dropout masks (drawn at the first, full-batch evaluation) too
+            masked = [(m, m.mask) for m in dropouts if m.mask is not None]
+            sub_masks = [mask.index_select(0, rows) for _, mask in masked]
 
             def g_rows(t: Tensor, z: Tensor) -> Tensor:
                 for module, sub in zip(controlled, subsets):
                     module._control = sub
+                for (module, _), sub in zip(masked, sub_masks):
+                    module.mask = sub
                 try:
                     dz = g(t, z)
                 finally:
                     for module, c in zip(controlled, full):
                         module._control = c
+                    for module, mask in masked:
+                        module.mask = mask
                 if not g_rows.checked:  # a field that ignores the row restriction
                     _check_field_output(dz, z)
                     g_rows.checked = True
@@ -205,9 +215,11 @@ class InfiniteTimeNeuralODE(NeuralODE):
         return g
 
     def _solve(self, x: Tensor, args: dict) -> Tuple[Tensor, Tensor]:
+        reset_dropout(self.vf)  # a new mask per solve, the same at every evaluation of it
         g = self._vector_field(args)
         try:
-            return self._solve_with(g, x)
+            with computed_once(self.vf):  # weight / spectral norms once per solve, not per evaluation
+                return self._solve_with(g, x)
         finally:
             self.vf.nfe += g.calls
 

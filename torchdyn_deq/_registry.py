@@ -11,11 +11,12 @@ from ._linear_solvers import GMRES
 from ._loop import SteadyStateSolver
 from ._ode import VCAB3, ODESteadyStateSolver
 from ._root import AndersonAcceleration, BroydenSolver, FixedPointIteration
-from ._sensitivity import AutogradSensitivity, JacobianFreeSensitivity, Sensitivity, SteadyStateSensitivity
+from ._sensitivity import (AutogradSensitivity, JacobianFreeSensitivity, PhantomSensitivity, Sensitivity,
+                           SteadyStateSensitivity)
 
 ODE_SOLVERS = ("tsit5", "dopri5", "vcab3", "euler", "midpoint", "rk4")
 ROOT_SOLVERS = {"fixed_point": FixedPointIteration, "anderson": AndersonAcceleration, "broyden": BroydenSolver}
-SENSITIVITIES = ("steady_state", "autograd", "jacobian_free")
+SENSITIVITIES = ("steady_state", "autograd", "jacobian_free", "phantom")
 INITIALIZERS = {"zeros": ZerosInitializer, "input": InputInitializer, "skip_reg": SkipRegInitializer}
 
 
@@ -50,7 +51,7 @@ _UNSUPPORTED_TORCHDYN = ("ieuler", "implicit_euler", "alf", "AsynchronousLeapfro
 def make_sensitivity(sensitivity: Union[str, Sensitivity], rtol_adjoint: float, atol_adjoint: float,
                      on_failure: str) -> Sensitivity:
     """``'steady_state'`` (GMRES at the adjoint tolerances), ``'autograd'``, ``'jacobian_free'``
-    (approximate), or an instance."""
+    and ``'phantom'`` (approximate; ``PhantomSensitivity()``'s defaults), or an instance."""
     if isinstance(sensitivity, Sensitivity):
         return sensitivity
     if sensitivity == "steady_state":
@@ -59,6 +60,8 @@ def make_sensitivity(sensitivity: Union[str, Sensitivity], rtol_adjoint: float, 
         return AutogradSensitivity()
     if sensitivity == "jacobian_free":
         return JacobianFreeSensitivity()
+    if sensitivity == "phantom":
+        return PhantomSensitivity()
     hint = ""
     if sensitivity in ("adjoint", "interpolated_adjoint"):
         hint = " (a backsolve from t = infinity has no meaning; the steady-state VJP replaces it)"
