@@ -12,9 +12,10 @@ from ._regularizers import JacobianPenalty, spectral_radius
 from ._root import AndersonAcceleration, BroydenSolver, FixedPointIteration, RootSolver
 from ._sensitivity import (AutogradSensitivity, JacobianFreeSensitivity, PhantomSensitivity, Sensitivity,
                            SteadyStateSensitivity)
-from ._solution import (ConvergenceError, ConvergenceWarning, NonFiniteError, Result, SolveOptions,
+from ._solution import (ConvergenceError, ConvergenceWarning, NonFiniteError, Result, SavedState, SolveOptions,
                         SteadyStateSolution)
 from ._step_control import StabilityRegion, StepController
+from ._trajectory import TrajectorySupervision, correction_loss
 from . import multiscale
 from .multiscale import (MDEQClassifier, MDEQLayer, MultiscaleNeuralODE, MultiscaleState, mdeq_large,
                          mdeq_small)
@@ -32,7 +33,8 @@ __all__ = [
     "JacobianPenalty", "spectral_radius",
     "apply_norm", "reset_norm", "remove_norm",
     "VariationalDropout", "VariationalDropout1d", "VariationalDropout2d", "VariationalDropout3d", "reset_dropout",
-    "SteadyStateSolution", "ConvergenceWarning", "ConvergenceError", "NonFiniteError",
+    "TrajectorySupervision", "correction_loss",
+    "SteadyStateSolution", "SavedState", "ConvergenceWarning", "ConvergenceError", "NonFiniteError",
     "multiscale", "MultiscaleState", "MDEQLayer", "MDEQClassifier", "MultiscaleNeuralODE", "mdeq_small", "mdeq_large",
     "__version__",
 ]

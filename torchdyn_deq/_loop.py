@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ._checks import boolean, positive_float, positive_int
-from ._solution import NonFiniteError, Result, SolveOptions, SteadyStateSolution
+from ._solution import NonFiniteError, Result, SavedState, SolveOptions, SteadyStateSolution
 
 VectorField = Callable[[Tensor, Tensor], Tensor]
 IMPROVEMENT = 0.99  # progress: a sample's residual falls below 99% of its best at the start of the stretch
@@ -155,7 +155,9 @@ class _Tracker:
         self.rows: Optional[Tensor] = None  # the samples still stepped (None: all)
         self.stall, self.stall_since = 0, 0.0  # steps and time since the last progress
         self.growth = 0.0  # the latest max ||z|| / (divergence_factor * start scale)
-        self.states: List[Tuple[float, Tensor]] = []
+        self.states: List[SavedState] = []  # at SolveOptions.save_steps
+        self.evenly: List[SavedState] = []  # thinned buffer for SolveOptions.save_evenly
+        self.stride = 1
 
     def _sub(self, x: Tensor) -> Tensor:
         return x if self.rows is None else x.index_select(0, self.rows)
@@ -192,8 +194,7 @@ class _Tracker:
             self.best_res = self.best_res.index_copy(0, self.rows, torch.minimum(m.residual, self.best_res[self.rows]))
             self.nfe_per_sample = self.nfe_per_sample.index_copy(
                 0, self.rows, torch.where(newly, self.nfe_start + nfe, self.nfe_per_sample[self.rows]))
-        if accepted in self.options.save_steps:
-            self.states.append((t, self.best_z.detach() if self.rows is not None else m.z.detach()))
+        self._keep(accepted, t, m.z)
         if worst <= 1:
             return Result.converged
         if growth > 1 or rise > self.solver.divergence_factor:
@@ -213,16 +214,35 @@ class _Tracker:
         factor = self.solver.divergence_factor
         return self.stall > 0 and self.growth * factor > factor ** 0.5
 
+    def _keep(self, step: int, t: float, z: Tensor) -> None:
+        """Keep the iterate of this accepted step if it is asked for (``z`` of the stepped rows:
+        with per-sample termination the full batch's best iterates)."""
+        options = self.options
+        if step not in options.save_steps and not (options.save_evenly and step % self.stride == 0):
+            return
+        full = (self.best_z if self.rows is not None else z).detach()
+        if step in options.save_steps:
+            self.states.append(SavedState(step, t, full))
+        if options.save_evenly and step % self.stride == 0:
+            self.evenly.append(SavedState(step, t, full))
+            if len(self.evenly) > 2 * options.save_evenly + 1:  # thin out: every other one, half as often
+                self.stride *= 2
+                self.evenly = [s for s in self.evenly if s.step % self.stride == 0]
+
     def finish(self, z0: Tensor, t: float, iterations: int, nfe: int, accepted: int, rejected: int,
                result: Result, message: str) -> SteadyStateSolution:
         nfe_total = self.nfe_start + nfe
         nfe_per_sample = torch.where(self.nfe_per_sample < 0, nfe_total, self.nfe_per_sample)
-        if self.options.save_steps and (not self.states or self.states[-1][1] is not self.best_z):
-            self.states.append((t, self.best_z.detach()))
+        states = self.states
+        if self.options.save_evenly:  # the iterates nearest to evenly spaced steps, z* excluded
+            n, last = self.options.save_evenly, accepted
+            wanted = sorted({round(last * i / (n + 1)) for i in range(1, n + 1)} - {last})
+            states = [min(self.evenly, key=lambda s: abs(s.step - w)) for w in wanted] if self.evenly else []
+            states = sorted({s.step: s for s in states + self.states}.values(), key=lambda s: s.step)
         return SteadyStateSolution(
             z_star=self.best_z, z0=z0, residual=self.best_res, t=float(t), iterations=iterations, nfe=nfe_total,
             nfe_per_sample=nfe_per_sample, steps_accepted=accepted, steps_rejected=rejected, result=result,
-            message=message, states=self.states)
+            message=message, states=states)
 
 
 def _message(result: Result, solver: SteadyStateSolver, options: SolveOptions, t: float, iterations: int,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 from inspect import getfullargspec
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ from ._regularizers import JacobianPenalty
 from ._registry import make_initializer, make_sensitivity, make_solver
 from ._sensitivity import Sensitivity
 from ._solution import SolveOptions, SteadyStateSolution, check_failure_mode, report_failure
+from ._trajectory import TrajectorySupervision
 
 
 def _standardize(vector_field):
@@ -84,6 +85,9 @@ class InfiniteTimeNeuralODE(NeuralODE):
         eval_max_steps: in eval mode, a fixed step budget. Reaching it is the point of a
             budget, so it is recorded (``solution.reason == 'budget'``) instead of warned.
             Default ``None`` (``max_steps``, reported as non-convergence).
+        trajectory: a `TrajectorySupervision`: return intermediate states of the solve with
+            gradients (``sol[1:-1]``, at ``t_eval[1:-1]``) besides ``z*`` (fixed-point
+            correction). Default ``None``: ``(t_eval, sol)`` holds ``[t0, t*]`` and ``[z0, z*]``.
 
     ``order > 1``, ``solver_adjoint``, ``interpolator``, ``integral_loss``, ``seminorm`` and
     ``save_at`` belong to finite-time integration and are refused with an error.
@@ -96,7 +100,8 @@ class InfiniteTimeNeuralODE(NeuralODE):
                  seminorm: bool = False, return_t_eval: bool = True, optimizable_params: Sequence = (), *,
                  initializer: Union[str, Initializer] = "input", state_shape: Optional[Tuple[int, ...]] = None,
                  max_steps: int = 100, on_failure: str = "warn", jacobian_penalty: Optional[JacobianPenalty] = None,
-                 eval_tol_factor: float = 1.0, eval_max_steps: Optional[int] = None):
+                 eval_tol_factor: float = 1.0, eval_max_steps: Optional[int] = None,
+                 trajectory: Optional[TrajectorySupervision] = None):
         for name, value, default in (("order", order, 1), ("solver_adjoint", solver_adjoint, None),
                                      ("interpolator", interpolator, None), ("integral_loss", integral_loss, None),
                                      ("seminorm", seminorm, False)):
@@ -109,6 +114,8 @@ class InfiniteTimeNeuralODE(NeuralODE):
                              "where a component of z is 0 (the DEQ start z0 = 0); rtol=0 is allowed")
         max_steps, eval_max_steps = positive_int("max_steps", max_steps), optional(positive_int, "eval_max_steps", eval_max_steps)
         eval_tol_factor = positive_float("eval_tol_factor", eval_tol_factor)
+        if trajectory is not None and not isinstance(trajectory, TrajectorySupervision):
+            raise TypeError(f"trajectory must be a TrajectorySupervision or None, got {trajectory!r}")
         if jacobian_penalty is not None and not isinstance(jacobian_penalty, JacobianPenalty):
             raise TypeError(f"jacobian_penalty must be a JacobianPenalty or None, got {jacobian_penalty!r}")
         on_failure = check_failure_mode(on_failure)
@@ -127,6 +134,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
         self.state_shape = None if state_shape is None else tuple(int(s) for s in state_shape)
         self.max_steps, self.on_failure, self.jacobian_penalty = max_steps, on_failure, jacobian_penalty
         self.eval_tol_factor, self.eval_max_steps = float(eval_tol_factor), eval_max_steps
+        self.trajectory_supervision = trajectory
         self.solution: Optional[SteadyStateSolution] = None
 
     # ---------------------------------------------------------------- torchdyn interface
@@ -154,13 +162,15 @@ class InfiniteTimeNeuralODE(NeuralODE):
         if len(save_at):
             raise ValueError("save_at is not supported: the solve runs to a steady state, not to fixed times")
         x, t_span = self._prep_integration(x, t_span)
-        z0, z_star = self._solve(x, {} if args is None else args)
-        t_eval = torch.stack([t_span[0], t_span[0] + self.solution.t])
-        trajectory = torch.stack([z0.to(z_star.dtype), z_star])
+        states = self._solve(x, {} if args is None else args)
+        times = [0.0] + [s.t for s in self.solution.states] + [self.solution.t]
+        t_eval = t_span[0] + torch.tensor(times, dtype=t_span.dtype, device=t_span.device)
+        trajectory = torch.stack([states[0].to(states[-1].dtype), *states[1:]])
         return (t_eval, trajectory) if self.return_t_eval else trajectory
 
     def trajectory(self, x: Tensor, t_span: Optional[Tensor] = None) -> Tensor:
-        """The states at ``[t0, t_reached]``: ``[z0, z*]``."""
+        """The states at ``t_eval``: ``[z0, z*]`` (with `TrajectorySupervision`, the
+        intermediate states between them)."""
         x, t_span = self._prep_integration(x, t_span)
         return torch.stack(self._solve(x, {}))
 
@@ -214,7 +224,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
         g.on_rows, g.calls = on_rows, 0
         return g
 
-    def _solve(self, x: Tensor, args: dict) -> Tuple[Tensor, Tensor]:
+    def _solve(self, x: Tensor, args: dict) -> List[Tensor]:
         reset_dropout(self.vf)  # a new mask per solve, the same at every evaluation of it
         g = self._vector_field(args)
         try:
@@ -224,16 +234,22 @@ class InfiniteTimeNeuralODE(NeuralODE):
             self.vf.nfe += g.calls
 
     def _options(self) -> SolveOptions:
-        """The stop test and budget of this forward pass: training, or eval mode with its factor and budget."""
+        """The stop test, budget and kept iterates of this forward pass: training, or eval mode
+        with its factor and budget."""
+        supervision, keep = self.trajectory_supervision, {}
+        if supervision is not None and supervision.n_states > 1:
+            keep = ({"save_steps": supervision.indexing} if supervision.indexing is not None
+                    else {"save_evenly": supervision.n_states - 1})
         if self.training:
-            return SolveOptions(self.atol, self.rtol, self.max_steps)
+            return SolveOptions(self.atol, self.rtol, self.max_steps, **keep)
         budget = self.eval_max_steps is not None
         return SolveOptions(self.atol * self.eval_tol_factor, self.rtol * self.eval_tol_factor,
-                            self.eval_max_steps if budget else self.max_steps, budget=budget)
+                            self.eval_max_steps if budget else self.max_steps, budget=budget, **keep)
 
-    def _solve_with(self, g: Callable[[Tensor, Tensor], Tensor], x: Tensor) -> Tuple[Tensor, Tensor]:
-        """``(z0, z*)``: the start (with its graph, for a Skip predictor) and the steady state
-        with the sensitivity's gradients; the record goes to ``self.solution``."""
+    def _solve_with(self, g: Callable[[Tensor, Tensor], Tensor], x: Tensor) -> List[Tensor]:
+        """``[z0, (intermediate states,) z*]``: the start (with its graph, for a Skip predictor),
+        the supervised states if any, and the steady state with the sensitivity's gradients;
+        the record goes to ``self.solution``."""
         state_shape = self.state_shape or tuple(x.shape[1:])
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         z0 = self.initializer(x, g, state_shape)
@@ -255,9 +271,13 @@ class InfiniteTimeNeuralODE(NeuralODE):
                 sol.skip_loss = self.initializer.aux_loss(z_leaf.detach() + gz, z0)
                 if self.jacobian_penalty is not None and self.training:
                     sol.jacobian_loss = self.jacobian_penalty(gz, z_leaf)
+        intermediate = []
+        if self.trajectory_supervision is not None and sol.states:
+            with torch.enable_grad() if needs_grad else torch.no_grad():
+                intermediate = self.trajectory_supervision.unroll(g, sol.states, x)
         for module in self._controlled():  # keep the data, not the graph: copies and pickles work
             module._control = module._control.detach()
-        return z0, z_star
+        return [z0, *intermediate, z_star]
 
     def _controlled(self) -> list:
         """Modules holding an injected input (torchdyn's ``DataControl``, ``DEQVectorField``)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -94,8 +94,12 @@ class SolveOptions:
         max_steps: bound on solver steps (accepted + rejected) or iterations.
         budget: ``max_steps`` is a budget (inference with ``eval_max_steps``): reaching it is
             `Result.budget`, a success, instead of `Result.max_steps`.
-        save_steps: accepted-step counts (``0`` is the start) at which the state is kept in
-            ``solution.states`` (trajectory supervision). Default none.
+        save_steps: accepted-step counts (``0`` is the start) at which the iterate is kept in
+            ``solution.states`` (trajectory supervision; torchdeq's ``indexing``). Default none.
+        save_evenly: keep this many iterates evenly spaced over the accepted steps of the solve,
+            whatever their number (torchdeq's ``n_states``), in memory for at most twice as
+            many: every accepted iterate is kept until the buffer is full, then every other
+            one is dropped and only every second later one kept. Default ``0``.
     """
 
     atol: float
@@ -103,6 +107,7 @@ class SolveOptions:
     max_steps: int
     budget: bool = False
     save_steps: Tuple[int, ...] = ()
+    save_evenly: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "atol", positive_float("atol", self.atol))
@@ -110,6 +115,15 @@ class SolveOptions:
         object.__setattr__(self, "max_steps", positive_int("max_steps", self.max_steps))
         object.__setattr__(self, "budget", boolean("budget", self.budget))
         object.__setattr__(self, "save_steps", tuple(sorted({non_negative_int("save_steps", s) for s in self.save_steps})))
+        object.__setattr__(self, "save_evenly", non_negative_int("save_evenly", self.save_evenly))
+
+
+class SavedState(NamedTuple):
+    """An iterate kept during a solve: its accepted-step count, its time and the state (detached)."""
+
+    step: int
+    t: float
+    z: Tensor
 
 
 @dataclass
@@ -134,7 +148,8 @@ class SteadyStateSolution:
         result: a `Result`; ``reason`` is the same value (a ``str`` enum).
         message: what happened, with the remedy, for an unsuccessful result (``''`` otherwise).
         converged: every sample met the tolerance.
-        states: ``(t, z)`` pairs kept at ``SolveOptions.save_steps`` (detached), last one ``z*``.
+        states: the iterates kept for ``SolveOptions.save_steps`` / ``save_evenly``, as
+            `SavedState` ``(step, t, z)`` (``z`` detached), in order; ``z*`` itself is not among them.
         backward_iters: linear-solve iterations (VJPs) of the last backward pass, ``None``
             until a backward pass ran.
         backward_residual: relative residual reached by that linear solve.
@@ -153,7 +168,7 @@ class SteadyStateSolution:
     steps_rejected: int
     result: Result
     message: str = ""
-    states: List[Tuple[float, Tensor]] = field(default_factory=list)
+    states: List["SavedState"] = field(default_factory=list)
     backward_iters: Optional[int] = None
     backward_residual: Optional[float] = None
     skip_loss: Optional[Tensor] = None
