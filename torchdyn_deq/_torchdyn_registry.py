@@ -221,7 +221,7 @@ def odeint_steady_state(f: Callable, x: Tensor, t_span: Tensor, solver: Union[st
             done = stopped(k1, x)
         dt = adapt_step(dt, error_ratio, solver.safety, solver.min_factor, solver.max_factor, solver.order)
     if not done:
-        warnings.warn(f'no steady state within max_steps={max_steps} (t={float(t):.4g}): |dx/dt| is still above '
+        warnings.warn(f'no steady state within max_steps={max_steps} (t={float(t.detach()):.4g}): |dx/dt| is still above '
                       f'atol={atol:g} + rtol={rtol:g} |x|. Raise max_steps, loosen atol/rtol, or check that the '
                       'vector field has a stable steady state', RuntimeWarning, stacklevel=2)
     return torch.cat([t_span[:1], t]), torch.stack([x0, x])
