@@ -54,7 +54,9 @@ class _SteadyState(torch.autograd.Function):
         wanted = [i for i, p in enumerate(ctx.params) if p.requires_grad]
         grads = [None] * len(ctx.params)
         if wanted and ctx.y_star.requires_grad:
-            found = torch.autograd.grad(ctx.y_star, [ctx.params[i] for i in wanted], v, allow_unused=True)
+            # the graph is kept: a second backward pass through y* (gradcheck makes one per entry) reuses it
+            found = torch.autograd.grad(ctx.y_star, [ctx.params[i] for i in wanted], v, allow_unused=True,
+                                        retain_graph=True)
             for i, g in zip(wanted, found):
                 grads[i] = torch.zeros_like(ctx.params[i]) if g is None else g
         for i in wanted:  # a parameter the solve does not depend on: exact zeros of its shape
