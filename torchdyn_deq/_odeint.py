@@ -90,15 +90,17 @@ def odeint_steady_state(func: Callable[[Tensor, Tensor], Tensor], y0: Tensor, *,
         method: torchdiffeq's names where they fit: ``'tsit5'`` (default), ``'dopri5'``,
             ``'euler'``, ``'midpoint'``, ``'rk4'`` (fixed step 1); and ``'vcab3'``,
             ``'anderson'``, ``'broyden'``, ``'fixed_point'``.
-        rtol, atol: the steady-state tolerances. Default ``1e-3`` each, `InfiniteTimeNeuralODE`'s
+        rtol: relative steady-state tolerance. Default ``1e-3``, `InfiniteTimeNeuralODE`'s
             (torchdiffeq's ``1e-7`` / ``1e-9`` bound local errors of a finite-time solve; here
-            they bound the residual).
+            the tolerances bound the residual).
+        atol: absolute steady-state tolerance. Default ``1e-3``.
         options: keywords of the method's solver object (``ODESteadyStateSolver``, ``VCAB3``,
             the root solvers), e.g. ``{'max_step': 1.0}``.
         adjoint_params: the tensors that receive gradients. Default: ``func.parameters()``
             when ``func`` is an ``nn.Module``, else none.
-        adjoint_rtol, adjoint_atol: tolerances of the backward linear solve. Default
-            ``1e-5`` / ``1e-10``, `SteadyStateSensitivity`'s.
+        adjoint_rtol: relative tolerance of the backward linear solve. Default ``1e-5``,
+            `SteadyStateSensitivity`'s.
+        adjoint_atol: its absolute tolerance. Default ``1e-10``.
         sensitivity: ``'steady_state'`` (default), ``'jacobian_free'`` (approximate),
             ``'autograd'`` (backpropagation through the steps) or a `Sensitivity`.
         max_steps: bound on solver steps. Default ``100``.
