@@ -99,3 +99,16 @@ def test_bad_func_and_state():
         td.odeint_steady_state(lambda t, y: -y, torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="dy/dt must have y's shape"):
         td.odeint_steady_state(lambda t, y: y.sum(), torch.zeros(3))
+
+
+def test_torchdiffeq_baseline_layer_for_the_mnist_benchmark():
+    from torchdyn_deq.experiments.mnist import InjectedLayer, MNISTNet
+    from torchdyn_deq.experiments.torchdiffeq_baseline import TorchdiffeqODELayer
+
+    torch.manual_seed(3)
+    net = MNISTNet(lambda f: TorchdiffeqODELayer(f, tol=1e-3))
+    logits = net(torch.rand(4, 784))
+    logits.sum().backward()
+    layer = net.layer
+    assert logits.shape == (4, 10) and layer.forward_nfe > 0 and layer.backward_nfe() > 0
+    assert layer.ode.sensalg == "adjoint" and net.encoder.weight.grad.abs().sum() > 0
