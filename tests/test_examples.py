@@ -57,3 +57,8 @@ def test_mnist_lightning(tmp_path):
     assert len(logged) == 3
     for row in logged:
         assert float(row["nfe"]) > 0 and float(row["residual"]) <= 1 and float(row["backward_iters"]) > 0
+
+
+def test_torchdyn_moons():
+    result = load("torchdyn_moons").main(["--epochs", "4", "--samples", "128"])
+    assert result["converged"] and result["t_reached"] > 1 and result["accuracy"] > 0.7

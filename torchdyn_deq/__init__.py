@@ -16,11 +16,16 @@ from ._solution import (ConvergenceError, ConvergenceWarning, NonFiniteError, Re
                         SteadyStateSolution)
 from ._step_control import StabilityRegion, StepController
 from ._trajectory import TrajectorySupervision, correction_loss
+from ._vcab3_stepper import VCAB3Stepper
+from ._torchdyn import install as _install_torchdyn, register_sensitivity, register_solver
+from ._odeint import odeint_steady_state
 from . import multiscale
 from .multiscale import (MDEQClassifier, MDEQLayer, MultiscaleNeuralODE, MultiscaleState, mdeq_large,
                          mdeq_small)
 
 __version__ = "0.1.0"
+
+_install_torchdyn()  # 'steady_state', 'jacobian_free', 'vcab3' become torchdyn names (idempotent)
 
 __all__ = [
     "InfiniteTimeNeuralODE", "DEQ", "DEQVectorField",
@@ -35,6 +40,7 @@ __all__ = [
     "VariationalDropout", "VariationalDropout1d", "VariationalDropout2d", "VariationalDropout3d", "reset_dropout",
     "TrajectorySupervision", "correction_loss",
     "SteadyStateSolution", "SavedState", "ConvergenceWarning", "ConvergenceError", "NonFiniteError",
+    "register_sensitivity", "register_solver", "VCAB3Stepper", "odeint_steady_state",
     "multiscale", "MultiscaleState", "MDEQLayer", "MDEQClassifier", "MultiscaleNeuralODE", "mdeq_small", "mdeq_large",
     "__version__",
 ]

@@ -1,0 +1,1 @@
+../../torchdyn_deq/_torchdyn_registry.py
