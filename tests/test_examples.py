@@ -62,3 +62,8 @@ def test_mnist_lightning(tmp_path):
 def test_torchdyn_moons():
     result = load("torchdyn_moons").main(["--epochs", "4", "--samples", "128"])
     assert result["converged"] and result["t_reached"] > 1 and result["accuracy"] > 0.7
+
+
+def test_trajectory_supervision():
+    result = load("trajectory_supervision").main(["--steps", "3", "--width", "16", "--test-samples", "64"])
+    assert 0.0 <= result["test_accuracy"] <= 100.0 and result["test_nfe"] > 0
