@@ -56,9 +56,10 @@ class State:
 @dataclass
 class Proposal:
     """A proposed step: the new iterate, ``g`` there if the step already evaluated it (``None``
-    for a step that evaluates only once accepted, as VCAB3), the step's own 0-dim tensors it
-    needs on the host to accept or reject (``signals``), and anything else it passes to
-    ``decide`` (``payload``)."""
+    for a step that evaluates only once accepted, as VCAB3), the step's own tensors whose
+    values it needs on the host to accept or reject (``signals``: 0-dim or 1-dim, read in the
+    loop's one synchronisation and passed to ``decide`` as one flat list of floats), and
+    anything else it passes to ``decide`` (``payload``)."""
 
     z: Tensor
     gz: Optional[Tensor]
@@ -306,7 +307,7 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
         proposal = solver.propose(count, state, options)
         cand = None if proposal.gz is None else track.measure(proposal.z, proposal.gz)
         parts = (pending.host if pending else ()) + (cand.host if cand else ()) + tuple(proposal.signals)
-        host = torch.stack([p.float() for p in parts]).tolist()  # the step's one synchronisation
+        host = torch.cat([p.float().reshape(-1) for p in parts]).tolist()  # the step's one synchronisation
         if pending is not None:
             result, host, measured, pending = track.commit(pending, host[:4], count.n, state.t, accepted), host[4:], pending, None
             if result is not None:

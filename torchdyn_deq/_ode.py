@@ -20,7 +20,7 @@ from torchdyn.numerics.solvers.ode import SOLVER_DICT, str_to_solver
 from ._checks import positive_float
 from ._loop import Proposal, State, SteadyStateSolver, _wide
 from ._solution import SolveOptions
-from ._step_control import StabilityRegion, StepController, error_ratio, first_step, ritz_values
+from ._step_control import StabilityRegion, StepController, error_ratio, first_step, spectral_moments
 
 
 class Tableau:
@@ -186,15 +186,14 @@ class ODESteadyStateSolver(_TimeStepper):
         ratio = error_ratio(_wide(err), _wide(state.z), _wide(z_new), satol, srtol)
         pairs = [(_flat(stages[-1]) - _flat(stages[-2]), _flat(ks[-1]) - _flat(ks[-2])),
                  (_flat(stages[1]) - _flat(stages[0]), _flat(ks[1]) - _flat(ks[0]))]
-        stable = self._control.stable_step(ritz_values(pairs), state.z)
-        return Proposal(z_new, gz_new, state.t + dt, signals=(ratio, stable))
+        return Proposal(z_new, gz_new, state.t + dt, signals=(ratio, spectral_moments(pairs)))
 
     def decide(self, g, state, proposal, signals, options):
         if not self.adaptive:
             return State(proposal.z, proposal.gz, proposal.t, control=state.control), True
-        ratio, stable = signals
+        ratio, moments = signals[0], signals[1:]
         (dt,) = state.control
-        next_dt = self._control.next_step(dt, ratio, stable)
+        next_dt = self._control.next_step(dt, ratio, self._control.stable_step(moments))
         if ratio <= 1:  # False for NaN
             return State(proposal.z, proposal.gz, proposal.t, control=(next_dt,)), True
         return State(state.z, state.gz, state.t, control=(next_dt,)), False
@@ -268,19 +267,18 @@ class VCAB3(_TimeStepper):
             ratio = error_ratio(_wide(err), _wide(state.z), _wide(z_new), satol, srtol)
             secants = [(_flat(zs[i]) - _flat(zs[i + 1]), _flat(evals[i]) - _flat(evals[i + 1]))
                        for i in range(len(zs) - 1)]
-            stable = self._control.stable_step(ritz_values((secants + secants)[:2]), state.z)
-        else:  # the Euler start: no estimates yet
-            ratio = stable = torch.tensor(-1.0, device=state.z.device)
-        return Proposal(z_new, None, state.t + dt, signals=(ratio, stable))
+            return Proposal(z_new, None, state.t + dt, signals=(ratio, spectral_moments((secants + secants)[:2])))
+        # the Euler start: no error estimate yet
+        return Proposal(z_new, None, state.t + dt, signals=(torch.tensor(-1.0, device=state.z.device),))
 
     def decide(self, g, state, proposal, signals, options):
-        ratio, stable = signals
+        ratio, moments = signals[0], signals[1:]
         evals, zs = state.memory
         dt, times = state.control
         if ratio < 0:  # the Euler start keeps its guessed step
             ratio, next_dt = 0.0, dt
         else:
-            next_dt = self._control.next_step(dt, ratio, stable, order=len(evals))
+            next_dt = self._control.next_step(dt, ratio, self._control.stable_step(moments), order=len(evals))
         if not ratio <= 1:
             return State(state.z, state.gz, state.t, state.memory, (next_dt, times)), False
         gz = g(proposal.t, proposal.z)

@@ -11,7 +11,10 @@ step also estimates the eigenvalues that matter (a two-dimensional Rayleigh-Ritz
     h <= safety * r(arg lambda) / |lambda|       for every estimated lambda with Re lambda < 0,
 
 with ``r(phi)`` the distance from 0 to the edge of the method's stability region in the
-direction ``phi`` (tabulated once per method from its stability function). Eigenvalues with
+direction ``phi`` (tabulated once per method from its stability function). The projection uses
+moments summed over the batch (the direction of the dominant modes) and the largest per-sample
+ratio ``||dg|| / ||dz||`` (their size), read on the host with the step's one synchronisation and
+finished there in plain Python: a handful of tensor operations per step. Eigenvalues with
 ``Re lambda >= 0`` impose nothing: such a mode grows at any step, and the solve loop's
 divergence test reports it.
 """
@@ -46,7 +49,7 @@ class StabilityRegion:
 
     def __init__(self, radii: Tensor):
         self.radii = radii.to(torch.float32)
-        self._on = {}
+        self._list = None  # the table as Python floats, made on first use
 
     @classmethod
     def runge_kutta(cls, a: Sequence[Sequence[float]], b: Sequence[float]) -> "StabilityRegion":
@@ -85,57 +88,63 @@ class StabilityRegion:
 
         return cls(_radii(unstable, 1.0, 400))
 
-    def _table(self, device) -> Tensor:
-        if device not in self._on:
-            self._on[device] = self.radii.to(device)
-        return self._on[device]
+    def step_limit(self, eigenvalues: Sequence[complex], magnitude: float, safety: float) -> float:
+        """Largest ``h`` with ``h |lambda| <= safety r(arg lambda)`` for every estimate ``lambda``
+        with ``Re lambda < 0``; ``magnitude`` (a per-sample bound of ``|lambda|``) applies in the
+        direction of the largest estimate. ``inf`` where nothing decays. Plain Python: the
+        estimates arrive on the host with the step's synchronisation."""
+        if self._list is None:
+            self._list = self.radii.tolist()
+        limit, largest = math.inf, None
+        for lam in eigenvalues:
+            if not lam.real < 0:  # NaN too
+                continue
+            r = self._radius(math.atan2(abs(lam.imag), lam.real))
+            limit = min(limit, safety * r / abs(lam))
+            if largest is None or abs(lam) > abs(largest[0]):
+                largest = (lam, r)
+        if largest is not None and magnitude > abs(largest[0]):
+            limit = min(limit, safety * largest[1] / magnitude)
+        return limit
 
-    def max_step(self, eigenvalues: Tuple[Tensor, Tensor], safety: float) -> Tensor:
-        """Largest ``h`` with ``h |lambda| <= safety r(arg lambda)`` for every estimated
-        ``lambda = re + i im`` with ``re < 0``, over the batch (0-dim float32; ``inf`` if none)."""
-        re, im = (x.float() for x in eigenvalues)
-        table = self._table(re.device)
-        phi = torch.atan2(im.abs(), re)  # in [0, pi]; the left half-plane is [pi/2, pi]
-        pos = ((phi - math.pi / 2) / (math.pi / 2) * (ANGLES - 1)).nan_to_num(0.0).clamp(0, ANGLES - 1)
-        lo = pos.floor().long()
-        hi = (lo + 1).clamp(max=ANGLES - 1)
-        frac = pos - lo
-        r = table[lo] * (1 - frac) + table[hi] * frac
-        h = safety * r / torch.hypot(re, im).clamp_min(1e-30)
-        h = torch.where(re < 0, h, torch.full_like(h, math.inf))
-        return h.amin() if h.numel() else torch.tensor(math.inf, device=re.device)
+    def _radius(self, phi: float) -> float:
+        """``r(phi)``, linear between the tabulated directions (``phi`` in ``[pi/2, pi]``)."""
+        pos = min(max((phi - math.pi / 2) / (math.pi / 2) * (ANGLES - 1), 0.0), ANGLES - 1.0)
+        lo = int(pos)
+        hi = min(lo + 1, ANGLES - 1)
+        return self._list[lo] + (self._list[hi] - self._list[lo]) * (pos - lo)
 
 
-def _dot(x: Tensor, y: Tensor) -> Tensor:
-    return (x * y).sum(1)
-
-
-def ritz_values(pairs: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
-    """Per-sample eigenvalue estimates of ``J`` from two pairs ``(dz_i, dg_i)`` with ``dg_i ~ J dz_i``
-    (flattened ``(batch, n)``, at least float32): the eigenvalues of ``Q^T J Q`` on the plane
-    ``Q`` spanned by ``dz_1, dz_2`` (Rayleigh-Ritz). Returns ``(re, im)``, each ``(batch, 2)``.
-    Where the two ``dz`` are (nearly) parallel the plane is a line and both values are its
-    Rayleigh quotient ``dz.dg / dz.dz``."""
+def spectral_moments(pairs: Sequence[Tuple[Tensor, Tensor]]) -> Tensor:
+    """What the host needs to estimate the eigenvalues of ``J`` from two pairs ``(dz_i, dg_i)``
+    with ``dg_i ~ J dz_i`` (flattened ``(batch, n)``): the batch sums of ``dz_i . dz_j`` and
+    ``dz_i . dg_j`` (a ``2 x 4`` block) and ``max_samples ||dg_1|| / ||dz_1||``; 9 numbers, from
+    one batched product."""
     (z1, g1), (z2, g2) = pairs
-    tiny = torch.finfo(z1.dtype).tiny
-    n1 = _dot(z1, z1).sqrt().clamp_min(tiny)
-    q1, a1 = z1 / n1[:, None], g1 / n1[:, None]  # q1 and J q1
-    proj = _dot(q1, z2)
-    w = z2 - proj[:, None] * q1
-    nw = _dot(w, w).sqrt()
-    plane = nw > 1e-3 * _dot(z2, z2).sqrt()
-    nw = nw.clamp_min(tiny)
-    q2, a2 = w / nw[:, None], (g2 - proj[:, None] * a1) / nw[:, None]  # q2 and J q2
-    h11 = _dot(q1, a1)
-    h12, h21, h22 = _dot(q1, a2), _dot(q2, a1), _dot(q2, a2)
-    h12, h21, h22 = (torch.where(plane, x, y) for x, y in ((h12, 0.0 * h11), (h21, 0.0 * h11), (h22, h11)))
-    half_trace = 0.5 * (h11 + h22)
-    disc = 0.25 * (h11 - h22) ** 2 + h12 * h21  # eigenvalues: half_trace +- sqrt(disc)
-    root = disc.abs().sqrt()
-    real = disc >= 0
-    re = torch.stack([half_trace + torch.where(real, root, 0.0), half_trace - torch.where(real, root, 0.0)], 1)
-    im = torch.stack([torch.where(real, 0.0, root), -torch.where(real, 0.0, root)], 1)
-    return re, im
+    rows = torch.stack([z1, z2, g1], 1)
+    cols = torch.stack([z1, z2, g1, g2], 1)
+    m = torch.bmm(rows, cols.transpose(1, 2))  # (batch, 3, 4)
+    ratio = (m[:, 2, 2] / m[:, 0, 0].clamp_min(torch.finfo(m.dtype).tiny)).amax().sqrt()
+    return torch.cat([m[:, :2].sum(0).flatten(), ratio.reshape(1)])
+
+
+def ritz_values(moments: Sequence[float]) -> Tuple[complex, complex]:
+    """The two Rayleigh-Ritz values of ``J`` on the plane spanned by the ``dz`` of
+    `spectral_moments` (summed over the batch: the operator ``J`` of the whole batch, block
+    diagonal): the eigenvalues ``lambda`` of ``C y = lambda G y`` with ``G_ij = dz_i . dz_j`` and
+    ``C_ij = dz_i . dg_j``. Where the two ``dz`` are (nearly) parallel the plane is a line and
+    both values are its Rayleigh quotient ``dz.dg / dz.dz``."""
+    a, b, p, q, _, d, r, s_ = moments[:8]
+    det_g = a * d - b * b
+    if not a > 0:
+        return (complex(math.nan), complex(math.nan))
+    if not det_g > 1e-6 * a * d:
+        lam = complex(p / a)
+        return (lam, lam)
+    trace = (d * p - b * r - b * q + a * s_) / det_g
+    det = (p * s_ - q * r) / det_g
+    root = (complex(trace * trace / 4 - det)) ** 0.5
+    return (trace / 2 + root, trace / 2 - root)
 
 
 class StepController:
@@ -146,7 +155,7 @@ class StepController:
         h_next = min(h * clip(safety * e^(-1/order), min_factor, max_factor), h_stable, max_step)
 
     where an accepted step is never shrunk by the error term and ``h_stable`` is
-    `StabilityRegion.max_step` of the latest eigenvalue estimates.
+    `StabilityRegion.step_limit` of the latest eigenvalue estimates (`ritz_values`).
 
     Args:
         order: the exponent's order (the error estimate's order plus one).
@@ -164,12 +173,12 @@ class StepController:
         self.safety, self.min_factor, self.max_factor = safety, min_factor, max_factor
         self.stability_safety, self.max_step = stability_safety, max_step
 
-    def stable_step(self, eigenvalues: Optional[Tuple[Tensor, Tensor]], like: Tensor) -> Tensor:
-        """``h_stable`` as a 0-dim tensor (``inf`` without estimates or region): read on the host
-        together with the error ratio, in the step's one synchronisation."""
-        if self.region is None or eigenvalues is None:
-            return torch.tensor(math.inf, device=like.device)
-        return self.region.max_step(eigenvalues, self.stability_safety)
+    def stable_step(self, moments: Sequence[float]) -> float:
+        """``h_stable`` from the host copy of `spectral_moments` (``inf`` without a region or
+        estimates)."""
+        if self.region is None or len(moments) < 9:
+            return math.inf
+        return self.region.step_limit(ritz_values(moments), moments[8], self.stability_safety)
 
     def next_step(self, dt: float, ratio: float, stable: float, order: Optional[int] = None) -> float:
         """The next step after a step ``dt`` with error ratio ``ratio`` and stability limit
