@@ -80,8 +80,8 @@ class SteadyStateSolver:
         stall_patience: stop (`Result.stalled`) after this many accepted steps in which no
             unconverged sample's residual fell below 99% of its best at the start of those
             steps (a slow but steady decay is progress). Default ``30``.
-        divergence_factor: stop (`Result.diverged`) when a sample's iterate grows beyond this
-            factor times ``1 + ||z0|| + ||z0 + g(z0)||``, when every unconverged sample's
+        divergence_factor: stop (`Result.diverged`) when the iterate grows beyond this factor
+            times ``1 + max |z0| + max |z0 + g(z0)|`` (over the batch), when every unconverged sample's
             residual exceeds its best by this factor, or when the residual stalls with an
             iterate beyond the square root of this factor times that scale. Default ``1e4``.
         per_sample: drop samples from the batch once they meet the tolerance, so they stop
@@ -137,7 +137,7 @@ class _Measure:
 
     z: Tensor
     residual: Tensor
-    host: Tuple[Tensor, ...]  # worst best residual, improved, growth, residual rise
+    host: Tuple[Tensor, ...]  # worst best residual, improved, max |z|, residual rise
 
 
 class _Tracker:
@@ -146,16 +146,17 @@ class _Tracker:
     def __init__(self, z0: Tensor, gz0: Tensor, options: SolveOptions, solver: SteadyStateSolver, nfe_start: int):
         self.options, self.solver, self.nfe_start = options, solver, nfe_start
         batch = z0.shape[0]
-        flat0 = _wide(z0).reshape(batch, -1)
-        self.bound = solver.divergence_factor * (1 + torch.linalg.vector_norm(flat0, dim=1)
-                                                 + torch.linalg.vector_norm(flat0 + _wide(gz0).reshape(batch, -1), dim=1))
+        # the scale of the start, max |z0| + max |f(z0)| over the batch: the divergence test's unit
+        z0w = _wide(z0)
+        self.scale = torch.stack([z0w.abs().amax(), (z0w + _wide(gz0)).abs().amax()]) if z0.numel() else None
         self.best_z = z0
         self.best_res = torch.full((batch,), math.inf, device=z0.device)
         self.reference = self.best_res  # best residuals at the start of the current stretch without progress
         self.nfe_per_sample = torch.full((batch,), -1, dtype=torch.long, device=z0.device)
         self.rows: Optional[Tensor] = None  # the samples still stepped (None: all)
         self.stall, self.stall_since = 0, 0.0  # steps and time since the last progress
-        self.growth = 0.0  # the latest max ||z|| / (divergence_factor * start scale)
+        self.growth = 0.0  # the latest max |z| / (divergence_factor * start scale)
+        self.unit = 1.0  # 1 + the start's scale, read with the first measure
         self.states: List[SavedState] = []  # at SolveOptions.save_steps
         self.evenly: List[SavedState] = []  # thinned buffer for SolveOptions.save_evenly
         self.stride = 1
@@ -168,17 +169,16 @@ class _Tracker:
         res = scaled_residual(gz, z, o.atol, o.rtol)
         best = self._sub(self.best_res)
         open_ = best > 1
-        new_best = torch.minimum(best, res)
-        worst = torch.where(res.isnan(), res, new_best).amax()  # NaN propagates to the host check
+        worst = torch.minimum(best, res).amax()  # NaN propagates to the host check
         improved = ((res < IMPROVEMENT * self._sub(self.reference)) & open_).any()
-        growth = (torch.linalg.vector_norm(_wide(z).reshape(z.shape[0], -1), dim=1) / self._sub(self.bound)).amax()
-        rise = torch.where(open_, res / best.clamp_min(1e-30), math.inf).amin()
-        return _Measure(z, res, (worst, improved.float(), growth, rise))
+        size = z.detach().abs().amax()
+        rise = torch.where(open_, res / best, math.inf).amin()  # best = inf before the first iterate: 0
+        return _Measure(z, res, (worst, improved, size, rise))
 
     def commit(self, m: _Measure, host: Sequence[float], nfe: int, t: float, accepted: int) -> Optional[Result]:
         """Record an accepted iterate; return the result if the solve ends with it."""
-        worst, improved, growth, rise = host
-        self.growth = growth
+        worst, improved, size, rise = host
+        self.growth = size / (self.solver.divergence_factor * self.unit)
         if not math.isfinite(worst):
             raise NonFiniteError(f"non-finite values appeared at step {accepted}, t={t:.4g}: the vector field "
                                  "produced NaN/inf, or the dynamics diverge. " + Result.non_finite.remedy)
@@ -198,7 +198,7 @@ class _Tracker:
         self._keep(accepted, t, m.z)
         if worst <= 1:
             return Result.converged
-        if growth > 1 or rise > self.solver.divergence_factor:
+        if self.growth > 1 or rise > self.solver.divergence_factor:
             return Result.diverged
         if improved > 0:  # a new stretch: progress is measured against the best residuals now
             self.stall, self.reference, self.stall_since = 0, self.best_res, t
@@ -288,18 +288,20 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
     track = _Tracker(z0, gz0, options, solver, nfe_start)
     state = solver.init(count, z0, gz0, options)
     first = track.measure(z0, gz0)
-    host = torch.stack(first.host).tolist()
-    if not math.isfinite(host[0]):
+    host = torch.cat([p.float().reshape(-1) for p in first.host + (track.scale,)]).tolist()
+    if not all(map(math.isfinite, host)):
         raise NonFiniteError("non-finite values appeared in the vector field at the starting state. "
                              + Result.non_finite.remedy)
-    result = track.commit(first, host, count.n, 0.0, 0)
+    track.unit = 1.0 + host[4] + host[5]
+    result = track.commit(first, host[:4], count.n, 0.0, 0)
     per_sample = solver.per_sample and count.restrict is not None and not (torch.is_grad_enabled() and z0.requires_grad)
     accepted = rejected = bad = 0
     pending: Optional[_Measure] = None  # an accepted iterate whose stop test is read in the next sync
     while result is None:
         if accepted + rejected >= options.max_steps:
             if pending is not None:
-                result = track.commit(pending, torch.stack(pending.host).tolist(), count.n, state.t, accepted)
+                result = track.commit(pending, torch.cat([p.float().reshape(-1) for p in pending.host]).tolist(),
+                                      count.n, state.t, accepted)
                 pending = None
             if result is None:
                 result = Result.budget if options.budget else Result.diverged if track.running_away else Result.max_steps
