@@ -68,14 +68,16 @@ def test_to_float64_then_float64_input():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_autocast_low_precision_matches_float32_loosely(solver, dtype):
     """Observed: under CPU autocast the layer computes in low precision but the state stays
-    float32 (``f(z, x) - z`` promotes), the solve converges (more NFE for bfloat16, whose
-    rounding noise is close to the tolerance) and the gradients are finite and within ~1%
-    of float32."""
+    float32 (``f(z, x) - z`` promotes), the solve converges and the gradients are finite and
+    within ~1% of float32. bfloat16's rounding (2^-8 = 3.9e-3 relative) is above the default
+    tolerance 1e-3: there the stop test sits at the noise floor and only chance meets it (the
+    loop reports 'stalled'), so bfloat16 runs at 1e-2."""
     f = Layer()
     x = torch.randn(5, 3)
+    tol = 1e-2 if dtype is torch.bfloat16 else 1e-3
     ref = td.DEQ(copy.deepcopy(f), solver=solver, state_shape=(4,))
     z32, g32, gx32 = _run(ref, x)
-    model = td.DEQ(copy.deepcopy(f), solver=solver, state_shape=(4,))
+    model = td.DEQ(copy.deepcopy(f), solver=solver, state_shape=(4,), atol=tol, rtol=tol)
     with warnings.catch_warnings():
         warnings.simplefilter("error", td.ConvergenceWarning)
         with torch.autocast("cpu", dtype=dtype):

@@ -30,14 +30,16 @@ NON_FINITE_REJECTIONS = 10  # consecutive rejected non-finite proposals before t
 
 def _wide(x: Tensor) -> Tensor:
     """``x`` detached, in at least float32: norms of half-precision tensors overflow."""
-    x = x.detach()
+    if x.requires_grad:  # under no_grad (implicit sensitivities) nothing to detach: one operation less per use
+        x = x.detach()
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def scaled_residual(dz: Tensor, z: Tensor, atol: float, rtol: float) -> Tensor:
     """Per-sample ``rms(dz / (atol + rtol |z|))``; shape ``(batch,)``, at least float32."""
-    scaled = (_wide(dz) / (atol + rtol * _wide(z).abs())).reshape(dz.shape[0], -1)
-    return torch.linalg.vector_norm(scaled, dim=1) / max(scaled.shape[1], 1) ** 0.5
+    scale = _wide(z).abs().mul_(rtol).add_(atol)  # in place: one allocation, not three
+    scaled = torch.div(_wide(dz), scale, out=scale).reshape(dz.shape[0], -1)
+    return torch.linalg.vector_norm(scaled, dim=1).mul_(1 / max(scaled.shape[1], 1) ** 0.5)
 
 
 @dataclass
@@ -137,7 +139,7 @@ class _Measure:
 
     z: Tensor
     residual: Tensor
-    host: Tuple[Tensor, ...]  # worst best residual, improved, max |z|, residual rise
+    host: Tuple[Tensor, ...]  # worst best residual, progress ratio, max |z|, residual rise
 
 
 class _Tracker:
@@ -151,7 +153,9 @@ class _Tracker:
         self.scale = torch.stack([z0w.abs().amax(), (z0w + _wide(gz0)).abs().amax()]) if z0.numel() else None
         self.best_z = z0
         self.best_res = torch.full((batch,), math.inf, device=z0.device)
-        self.reference = self.best_res  # best residuals at the start of the current stretch without progress
+        # the best residuals of the unconverged samples (0 for converged ones), now and at the
+        # start of the current stretch without progress
+        self.best_open = self.reference_open = self.best_res
         self.nfe_per_sample = torch.full((batch,), -1, dtype=torch.long, device=z0.device)
         self.rows: Optional[Tensor] = None  # the samples still stepped (None: all)
         self.stall, self.stall_since = 0, 0.0  # steps and time since the last progress
@@ -167,17 +171,16 @@ class _Tracker:
     def measure(self, z: Tensor, gz: Tensor) -> _Measure:
         o = self.options
         res = scaled_residual(gz, z, o.atol, o.rtol)
-        best = self._sub(self.best_res)
-        open_ = best > 1
-        worst = torch.minimum(best, res).amax()  # NaN propagates to the host check
-        improved = ((res < IMPROVEMENT * self._sub(self.reference)) & open_).any()
-        size = z.detach().abs().amax()
-        rise = torch.where(open_, res / best, math.inf).amin()  # best = inf before the first iterate: 0
-        return _Measure(z, res, (worst, improved, size, rise))
+        worst = torch.minimum(self._sub(self.best_res), res).amax()  # NaN propagates to the host check
+        # the open samples' best and reference residuals, 0 for converged ones: res / 0 = inf
+        # drops them from the progress ratio and from the rise (minima over samples)
+        progress = (res / self._sub(self.reference_open)).amin()  # < IMPROVEMENT: some sample improved
+        rise = (res / self._sub(self.best_open)).nan_to_num_(math.inf).amin()  # 0 / 0: a converged sample
+        return _Measure(z, res, (worst, progress, _wide(z).abs().amax(), rise))
 
     def commit(self, m: _Measure, host: Sequence[float], nfe: int, t: float, accepted: int) -> Optional[Result]:
         """Record an accepted iterate; return the result if the solve ends with it."""
-        worst, improved, size, rise = host
+        worst, progress, size, rise = host
         self.growth = size / (self.solver.divergence_factor * self.unit)
         if not math.isfinite(worst):
             raise NonFiniteError(f"non-finite values appeared at step {accepted}, t={t:.4g}: the vector field "
@@ -195,13 +198,14 @@ class _Tracker:
             self.best_res = self.best_res.index_copy(0, self.rows, torch.minimum(m.residual, self.best_res[self.rows]))
             self.nfe_per_sample = self.nfe_per_sample.index_copy(
                 0, self.rows, torch.where(newly, self.nfe_start + nfe, self.nfe_per_sample[self.rows]))
+        self.best_open = torch.where(self.best_res > 1, self.best_res, 0.0)
         self._keep(accepted, t, m.z)
         if worst <= 1:
             return Result.converged
         if self.growth > 1 or rise > self.solver.divergence_factor:
             return Result.diverged
-        if improved > 0:  # a new stretch: progress is measured against the best residuals now
-            self.stall, self.reference, self.stall_since = 0, self.best_res, t
+        if progress < IMPROVEMENT:  # a new stretch: progress is measured against the best residuals now
+            self.stall, self.reference_open, self.stall_since = 0, self.best_open, t
         else:
             self.stall += 1
         if self.stall >= self.solver.stall_patience and t - self.stall_since >= self.solver.stall_time:
@@ -288,7 +292,7 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
     track = _Tracker(z0, gz0, options, solver, nfe_start)
     state = solver.init(count, z0, gz0, options)
     first = track.measure(z0, gz0)
-    host = torch.cat([p.float().reshape(-1) for p in first.host + (track.scale,)]).tolist()
+    host = torch.cat([p.reshape(-1) for p in first.host + (track.scale,)]).tolist()
     if not all(map(math.isfinite, host)):
         raise NonFiniteError("non-finite values appeared in the vector field at the starting state. "
                              + Result.non_finite.remedy)
@@ -300,7 +304,7 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
     while result is None:
         if accepted + rejected >= options.max_steps:
             if pending is not None:
-                result = track.commit(pending, torch.cat([p.float().reshape(-1) for p in pending.host]).tolist(),
+                result = track.commit(pending, torch.cat([p.reshape(-1) for p in pending.host]).tolist(),
                                       count.n, state.t, accepted)
                 pending = None
             if result is None:
@@ -309,7 +313,7 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
         proposal = solver.propose(count, state, options)
         cand = None if proposal.gz is None else track.measure(proposal.z, proposal.gz)
         parts = (pending.host if pending else ()) + (cand.host if cand else ()) + tuple(proposal.signals)
-        host = torch.cat([p.float().reshape(-1) for p in parts]).tolist()  # the step's one synchronisation
+        host = torch.cat([p.reshape(-1) for p in parts]).tolist()  # the step's one synchronisation
         if pending is not None:
             result, host, measured, pending = track.commit(pending, host[:4], count.n, state.t, accepted), host[4:], pending, None
             if result is not None:

@@ -252,10 +252,10 @@ class VCAB3(_TimeStepper):
     def init(self, g, z0, gz0, options):
         satol, srtol = self._step_tolerances(options)
         dt = min(float(first_step(_wide(gz0), _wide(z0), satol, srtol, 1)), self.max_step)
-        return State(z0, gz0, 0.0, memory=([gz0], [z0]), control=(dt, (0.0,)))
+        return State(z0, gz0, 0.0, memory=([gz0], []), control=(dt, (0.0,)))
 
     def propose(self, g, state, options):
-        evals, zs = state.memory
+        evals, secants = state.memory
         dt, times = state.control
         nodes = [s - state.t for s in times]
         w = adams_bashforth_weights(nodes, dt)
@@ -265,15 +265,14 @@ class VCAB3(_TimeStepper):
             err = combine(None, evals, [wi - wl for wi, wl in zip(w, w_low)], 1.0)
             satol, srtol = self._step_tolerances(options)
             ratio = error_ratio(_wide(err), _wide(state.z), _wide(z_new), satol, srtol)
-            secants = [(_flat(zs[i]) - _flat(zs[i + 1]), _flat(evals[i]) - _flat(evals[i + 1]))
-                       for i in range(len(zs) - 1)]
-            return Proposal(z_new, None, state.t + dt, signals=(ratio, spectral_moments((secants + secants)[:2])))
+            pairs = [(_flat(dz), _flat(dg)) for dz, dg in secants]
+            return Proposal(z_new, None, state.t + dt, signals=(ratio, spectral_moments((pairs + pairs)[:2])))
         # the Euler start: no error estimate yet
         return Proposal(z_new, None, state.t + dt, signals=(torch.tensor(-1.0, device=state.z.device),))
 
     def decide(self, g, state, proposal, signals, options):
         ratio, moments = signals[0], signals[1:]
-        evals, zs = state.memory
+        evals, secants = state.memory
         dt, times = state.control
         if ratio < 0:  # the Euler start keeps its guessed step
             ratio, next_dt = 0.0, dt
@@ -282,5 +281,6 @@ class VCAB3(_TimeStepper):
         if not ratio <= 1:
             return State(state.z, state.gz, state.t, state.memory, (next_dt, times)), False
         gz = g(proposal.t, proposal.z)
-        memory = ([gz] + evals[:2], [proposal.z] + zs[:2])
+        # the secants of the last two steps, (z_{n+1} - z_n, g_{n+1} - g_n): the eigenvalue estimates' pairs
+        memory = ([gz] + evals[:2], [(proposal.z - state.z, gz - evals[0])] + secants[:1])
         return State(proposal.z, gz, proposal.t, memory, (next_dt, (proposal.t,) + times[:2])), True

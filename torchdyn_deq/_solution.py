@@ -64,7 +64,8 @@ _REMEDIES = {
                      "weight or spectral normalisation); an InfiniteTimeNeuralODE field needs the form "
                      "dz/dt = f(z, x) - z. More steps will not help",
     Result.stalled: "the residual stopped falling: the dynamics circle or oscillate (eigenvalues of dg/dz on or near "
-                    "the imaginary axis) or the iteration cannot make progress. Add damping or Jacobian "
+                    "the imaginary axis), the iteration cannot make progress, or the residual reached the rounding "
+                    "noise of the vector field (half precision, autocast: loosen atol/rtol). Add damping or Jacobian "
                     "regularization, or try another solver ('tsit5' for the discrete ones, 'anderson' for the "
                     "continuous ones)",
     Result.non_finite: "check the input, lower the learning rate, or add Jacobian regularization",
