@@ -14,7 +14,6 @@ from conftest import TanhLayer
 
 import _ddp_worker as W
 
-torch.set_num_threads(1)
 
 CONFIGS = {
     "tsit5": dict(solver="tsit5"),

@@ -44,7 +44,6 @@ def test_block_extraction():
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_page_code_runs(page, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # Lightning and friends write files: keep them out of the repo
-    torch.set_num_threads(1)
     namespace = {"__name__": f"docs_{page.stem.replace('-', '_')}"}
     for line, code in python_blocks(page.read_text()):
         try:

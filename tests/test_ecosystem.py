@@ -14,7 +14,6 @@ import torchdyn_deq as td
 
 @pytest.fixture(autouse=True)
 def seeded():
-    torch.set_num_threads(1)
     torch.manual_seed(0)
 
 

@@ -7,21 +7,15 @@ cosine schedule from 1e-3 to 1e-6, weight decay 2.5e-6, batch 128, lambda_skip 0
 0.05. Prints a table shaped like Table 2 and writes ``results.md``, ``results.json`` and
 ``ratios.png`` to ``--out-dir``::
 
-    python examples/cifar_multiscale.py --data-dir ~/data --steps 20000            # the paper's run
-    python examples/cifar_multiscale.py --synthetic --steps 3 --batch-size 8       # offline smoke run
-    python examples/cifar_multiscale.py --benchmark --synthetic --batch-size 32 --out benchmarks/results/cifar_small_cpu
+    python -m torchdyn_deq.experiments.cifar --data-dir ~/data --steps 20000        # the paper's run
+    python -m torchdyn_deq.experiments.cifar --synthetic --steps 3 --batch-size 8   # offline smoke run
 
-``--benchmark`` times one training step (forward + backward + optimizer), its backward pass
-and a no-grad prediction for the five forms side by side on one synthetic batch, after a
-few warm-up steps, interleaved round by round so that load changes hit every form alike;
-reported are medians and ratios to the Multiscale Neural ODE (and, for prediction, to the
-discrete DEQ).
+The step benchmark of the five forms side by side is ``python -m benchmarks.cifar_step``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 import warnings
@@ -31,7 +25,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from pytorch_lightning.loggers import CSVLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -39,17 +32,12 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import torchdyn_deq as td
 from torchdyn_deq.experiments.cli import comma_separated, positive
 from torchdyn_deq.experiments.lightning import LitClassifier
-from torchdyn_deq.experiments.mnist import machine_info
-from torchdyn_deq.experiments.reporting import plot_time_ratios
+from torchdyn_deq.experiments.reporting import machine_info, markdown_table, plot_time_ratios
 from torchdyn_deq.multiscale import FORMS, VARIANTS, MDEQClassifier, mdeq_large, mdeq_small
 
 LR, LR_MIN, WEIGHT_DECAY, LAMBDA_SKIP, TOL = 1e-3, 1e-6, 2.5e-6, 0.01, 0.05
 MODELS: Dict[str, Callable[..., MDEQClassifier]] = {"small": mdeq_small, "large": mdeq_large}
 LABELS = {"vanilla": "Vanilla DEQ", "skip": "Skip DEQ", "skip_reg": "Skip Reg. DEQ", "neural_ode": "Neural ODE"}
-#: the benchmark's five forms, in table order; the first is the reference of the ratios
-BENCH_FORMS: Tuple[Tuple[str, str], ...] = (("neural_ode", "vanilla"), ("continuous", "vanilla"),
-                                            ("continuous", "skip"), ("continuous", "skip_reg"),
-                                            ("discrete", "vanilla"))
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
@@ -163,15 +151,12 @@ TABLE_COLUMNS = ("Model", "Continuous", "# Params", "Test Accuracy (%)", "Test N
                  "Backward Pass (s / batch)", "Prediction Time (s / batch)")
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
+def results_table(rows: Sequence[dict]) -> str:
     """The rows as a Markdown table shaped like the paper's Table 2."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    for r in rows:
-        cells = [r["model"], "no" if r["form"] == "discrete" else "yes", f"{r['params']:,}",
-                 f"{r['test_accuracy']:.2f}", f"{r['test_nfe']:.1f}", f"{r['step_time_s']:.3f}",
-                 f"{r['backward_time_s']:.3f}", f"{r['predict_time_s']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(TABLE_COLUMNS, [
+        [r["model"], "no" if r["form"] == "discrete" else "yes", f"{r['params']:,}", f"{r['test_accuracy']:.2f}",
+         f"{r['test_nfe']:.1f}", f"{r['step_time_s']:.3f}", f"{r['backward_time_s']:.3f}", f"{r['predict_time_s']:.3f}"]
+        for r in rows], align="ll" + "r" * 6)
 
 
 def plot_ratios(rows: Sequence[dict], path: Path, title: str) -> None:
@@ -189,7 +174,7 @@ def run_training(args: argparse.Namespace) -> str:
         train_set, test_set = cifar10(args.data_dir)
     rows = [train_and_test(form, variant, args, train_set, test_set) for form, variant in selected(args)]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(rows)
+    table = results_table(rows)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     data = "synthetic random tensors" if args.synthetic else "CIFAR-10"
     (args.out_dir / "results.md").write_text(
@@ -209,144 +194,9 @@ def selected(args: argparse.Namespace) -> List[Tuple[str, str]]:
     return rows
 
 
-# ---------------------------------------------------------------------------- benchmark
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def benchmark(args: argparse.Namespace) -> dict:
-    """Median training-step, backward and prediction times of the five forms on one batch."""
-    device = torch.device(args.device if args.device != "gpu" else "cuda")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its convolution kernels (all forms alike)
-    gen = torch.Generator().manual_seed(args.seed)
-    images = torch.randn(args.batch_size, 3, 32, 32, generator=gen).to(device)
-    labels = torch.randint(0, 10, (args.batch_size,), generator=gen).to(device)
-    methods = []
-    for form, variant in BENCH_FORMS:
-        net = build_model(args.model, form, variant, args.seed, args.tol).to(device)
-        optimizer, schedule = make_optimizer(net, args.warmup + args.repeats)
-        methods.append({"form": form, "variant": variant, "model": label(form, variant), "net": net,
-                        "optimizer": optimizer, "schedule": schedule, "step": [], "backward": [], "predict": [],
-                        "nfe": [], "backward_work": [], "unconverged": 0, "residual": [],
-                        "backward_residual": []})
-
-    def train_step(m: dict) -> Tuple[float, float]:
-        net = m["net"]
-        net.train()
-        _sync(device)
-        start = time.perf_counter()
-        loss = F.cross_entropy(net(images), labels) + net.aux_loss()
-        _sync(device)
-        mid = time.perf_counter()
-        m["optimizer"].zero_grad(set_to_none=True)
-        loss.backward()
-        _sync(device)
-        end = time.perf_counter()
-        m["optimizer"].step()
-        m["schedule"].step()
-        _sync(device)
-        m["last_nfe"] = net.forward_nfe()
-        m["last_unconverged"] = int(net.solution is not None and not net.solution.converged)
-        m["last_residual"] = float("nan") if net.solution is None else float(net.solution.residual.max())
-        m["last_backward"] = net.backward_stats()
-        return time.perf_counter() - start, end - mid
-
-    def predict(m: dict) -> float:
-        net = m["net"]
-        net.eval()
-        _sync(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            net(images)
-        _sync(device)
-        return time.perf_counter() - start
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", td.ConvergenceWarning)
-        for _ in range(args.warmup):
-            for m in methods:
-                train_step(m)
-        for _ in range(args.repeats):
-            for m in methods:  # interleaved: a change of machine load affects every form alike
-                step, backward = train_step(m)
-                m["step"].append(step)
-                m["backward"].append(backward)
-                m["nfe"].append(m["last_nfe"])
-                m["unconverged"] += m["last_unconverged"]
-                m["residual"].append(m["last_residual"])
-                stats = m["last_backward"]
-                m["backward_residual"].append(stats.get("backward_residual", float("nan")))
-                m["backward_work"].append(stats.get("backward_iters", stats.get("backward_nfe", float("nan"))))
-                m["predict"].append(predict(m))
-    rows = []
-    for m in methods:
-        rows.append({"model": m["model"], "form": m["form"], "variant": m["variant"], "params": n_params(m["net"]),
-                     "step_time_s": statistics.median(m["step"]), "backward_time_s": statistics.median(m["backward"]),
-                     "predict_time_s": statistics.median(m["predict"]), "train_nfe": statistics.median(m["nfe"]),
-                     "backward_work": statistics.median(m["backward_work"]),
-                     "backward_unit": "adjoint NFE" if m["form"] == "neural_ode" else "GMRES iterations",
-                     "unconverged_solves": m["unconverged"],
-                     "forward_residual": statistics.median(m["residual"]),
-                     "backward_residual": statistics.median(m["backward_residual"]), "samples": {k: m[k] for k in ("step", "backward", "predict")}})
-    node = next(r for r in rows if r["form"] == "neural_ode")
-    discrete = next(r for r in rows if r["form"] == "discrete")
-    for r in rows:
-        r["step_speedup_vs_node"] = node["step_time_s"] / r["step_time_s"]
-        r["backward_speedup_vs_node"] = node["backward_time_s"] / r["backward_time_s"]
-        r["predict_speedup_vs_node"] = node["predict_time_s"] / r["predict_time_s"]
-        r["predict_speedup_vs_discrete"] = discrete["predict_time_s"] / r["predict_time_s"]
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    info = machine_info()
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return {"rows": rows, "machine": info, "config": config}
-
-
-def _optional(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.2g}"
-
-
-def benchmark_table(result: dict) -> str:
-    cols = ("Model", "Form", "# Params", "Train NFE", "Fwd residual", "Backward work", "Bwd rel. residual",
-            "Training step (s / batch)",
-            "Backward (s / batch)", "Prediction (s / batch)", "Step speed-up vs NODE", "Backward speed-up vs NODE",
-            "Prediction speed-up vs discrete")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in result["rows"]:
-        cells = [r["model"], r["form"], f"{r['params']:,}", f"{r['train_nfe']:.0f}", _optional(r["forward_residual"]),
-                 f"{r['backward_work']:.0f} {r['backward_unit']}", _optional(r["backward_residual"]),
-                 f"{r['step_time_s']:.3f}",
-                 f"{r['backward_time_s']:.3f}", f"{r['predict_time_s']:.3f}", f"{r['step_speedup_vs_node']:.2f}x",
-                 f"{r['backward_speedup_vs_node']:.2f}x", f"{r['predict_speedup_vs_discrete']:.2f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_benchmark(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cfg, mach = result["config"], result["machine"]
-    where = mach.get("gpu", f"CPU ({mach['processor']}), {mach['torch_threads']} torch thread(s)")
-    text = (f"# CIFAR-10 step benchmark, MDEQ-{cfg['model']}\n\n{benchmark_table(result)}\n\n"
-            f"Batch {cfg['batch_size']} of synthetic 3x32x32 images, {cfg['warmup']} warm-up training step(s) per "
-            f"form, then medians of {cfg['repeats']} interleaved rounds; tolerance {cfg['tol']}; forward solves "
-            "capped at 18 steps / iterations and the implicit backward at 20 GMRES iterations (the paper's code's "
-            "caps), the Neural ODE integrated on [0, 1] with tsit5 and torchdyn's adjoint. Speed-up = reference "
-            "time / row time (> 1: faster than the reference). Fwd residual: the worst sample's scaled residual "
-            "rms(g / (atol + rtol |z|)) at the end of the forward solve (<= 1: converged); Bwd rel. residual: the "
-            "backward GMRES's relative residual (<= the tolerance: converged).\n\n"
-            f"Device: {where}; torch {mach['torch']}, torchdyn {mach['torchdyn']}, "
-            f"pytorch-lightning {mach['pytorch_lightning']}, torchdyn_deq {mach['torchdyn_deq']}, "
-            f"Python {mach['python']}, {mach['platform']}.\n\n"
-            f"Command: `python examples/cifar_multiscale.py {' '.join(cfg.get('argv', []))}`\n")
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-
-
 # ---------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cifar_multiscale", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m torchdyn_deq.experiments.cifar", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", choices=tuple(MODELS), default="small", help="MDEQ-small (Table 2) or -large (Table 3)")
     parser.add_argument("--form", type=comma_separated(tuple(FORMS), allow_all=True), default="continuous",
@@ -367,18 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/cifar"), help="results.md / .json / ratios.png and logs")
     parser.add_argument("--threads", type=positive(int), default=None, help="torch.set_num_threads")
     parser.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bar")
-    bench = parser.add_argument_group("benchmark")
-    bench.add_argument("--benchmark", action="store_true", help="time the five forms side by side on one synthetic batch")
-    bench.add_argument("--warmup", type=int, default=2, help="warm-up training steps per form")
-    bench.add_argument("--repeats", type=positive(int), default=3, help="timed rounds")
-    bench.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json (e.g. benchmarks/results/cifar_small)")
     return parser
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
     if args.device in ("cuda", "gpu") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine (torch {torch.__version__}, "
                      f"built with CUDA {torch.version.cuda})")
@@ -389,13 +233,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.benchmark:
-        result = benchmark(args)
-        print(benchmark_table(result))
-        if args.out is not None:
-            write_benchmark(result, args.out)
-            print(f"\nwritten to {args.out.with_suffix('.md')} and .json")
-        return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         print(run_training(args))
