@@ -14,8 +14,9 @@ import torch.nn as nn
 
 import torchdyn_deq as td
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = sorted(DOCS.glob("*.md"))
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.rglob("*.md"))
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
 
 
@@ -41,15 +42,29 @@ def test_block_extraction():
     assert python_blocks(text) == [(2, "x = 1\n")]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
-def test_page_code_runs(page, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # Lightning and friends write files: keep them out of the repo
+def run_blocks(page: Path) -> dict:
+    """Run the python blocks of ``page`` in order in one namespace; return it."""
+    name = page.relative_to(ROOT).as_posix()
     namespace = {"__name__": f"docs_{page.stem.replace('-', '_')}"}
     for line, code in python_blocks(page.read_text()):
         try:
-            exec(compile(code, f"{page.name}:{line}", "exec"), namespace)
+            exec(compile(code, f"{name}:{line}", "exec"), namespace)
         except Exception as err:  # name the block in the failure
-            raise AssertionError(f"the python block at {page.name}:{line} failed: {err!r}") from err
+            raise AssertionError(f"the python block at {name}:{line} failed: {err!r}") from err
+    return namespace
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(DOCS).as_posix() for p in PAGES])
+def test_page_code_runs(page, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # Lightning and friends write files: keep them out of the repo
+    run_blocks(page)
+
+
+def test_readme_blocks_run_in_order(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert len(python_blocks((ROOT / "README.md").read_text())) >= 2
+    namespace = run_blocks(ROOT / "README.md")
+    assert namespace["model"].solution.converged
 
 
 # ---------------------------------------------------------------------------- defaults

@@ -57,3 +57,8 @@ def test_mnist_lightning(tmp_path):
     assert len(logged) == 3
     for row in logged:
         assert float(row["nfe"]) > 0 and float(row["residual"]) <= 1 and float(row["backward_iters"]) > 0
+
+
+def test_cifar_multiscale():
+    record = load("cifar_multiscale").main(["--steps", "2", "--batch", "2"])
+    assert record["nfe"] > 0 and record["backward_iters"] > 0 and record["loss"] == record["loss"]
