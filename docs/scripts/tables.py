@@ -39,6 +39,13 @@ def load(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text())
 
 
+def command(recorded: str) -> str:
+    """A results file's command in its current form: results written before ``benchmarks/``
+    became a package record ``python benchmarks/NAME.py ...``, now ``python -m benchmarks.NAME ...``
+    (same arguments)."""
+    return re.sub(r"^python benchmarks/(\w+)\.py", r"python -m benchmarks.\1", recorded)
+
+
 def mnist_rows() -> Dict[str, dict]:
     return {row["method"]: row for row in load("mnist_step")["rows"]}
 
@@ -64,7 +71,7 @@ SUMMARY = (VANILLA, SKIP, SKIP_REG, VCAB3, ANDERSON, NODE, AUTOGRAD, TORCHDEQ)
 def mnist_setup() -> str:
     data = load("mnist_step")
     setup, machine = data["setup"], data["machine"]
-    return (f"`{data['command']}`: batch {setup['batch_size']}, `atol = rtol = {setup['tol']}`, medians of "
+    return (f"`{command(data['command'])}`: batch {setup['batch_size']}, `atol = rtol = {setup['tol']}`, medians of "
             f"{setup['measured_steps']} training steps after {setup['warmup_steps']} warm-up steps, "
             f"{machine['cpu_count']} CPUs, {machine['torch_threads']} torch thread(s), torch {machine['torch']}")
 
@@ -167,7 +174,7 @@ def inference_mode() -> str:
     table = markdown_table(("inference setting", "test accuracy (%)", "mean NFE", "prediction (ms / batch)"),
                            [(r["setting"], f"{r['accuracy']:.1f}", f"{r['nfe']:.1f}", f"{r['predict_ms']:.2f}")
                             for r in data["rows"]], align="lrrr")
-    return (f"{table}\n\n`{data['command']}`: the {args['variant']} continuous DEQ (tsit5) trained "
+    return (f"{table}\n\n`{command(data['command'])}`: the {args['variant']} continuous DEQ (tsit5) trained "
             f"{args['epochs']} epochs on the embedded MNIST, {args['threads']} torch thread(s).\n")
 
 
