@@ -195,3 +195,21 @@ def test_every_image_exists():
             if not (page.parent / target).is_file():
                 missing.append(f"{page.relative_to(DOCS)}: {target}")
     assert not missing, f"images not found: {missing}"
+
+
+# ---------------------------------------------------------------------------- docstring examples
+DOCTESTED = ["torchdyn_deq._models", "torchdyn_deq._initializers", "torchdyn_deq._regularizers",
+             "torchdyn_deq.multiscale.zoo", "torchdyn_deq.experiments.baselines"]
+
+
+@pytest.mark.parametrize("module", DOCTESTED)
+def test_docstring_examples_run(module):
+    """The ``Examples:`` of the public classes run and print what they show."""
+    import doctest
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained MDEQ's capped solve warns
+        result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, f"{module}: {result}"
