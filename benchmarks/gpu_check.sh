@@ -9,12 +9,12 @@
 # Steps, each with its time limit, cut to what is left of BUDGET (a failed or timed-out step
 # does not stop the others; a step with less than 20 s left is skipped):
 #   cuda_tests   40 s   the CUDA tests of tests/test_precision_devices.py (when pytest is installed)
-#   mnist       120 s   MNIST training step, all methods side by side: benchmarks/mnist_step.py --device cuda,
+#   mnist       120 s   MNIST training step, all methods side by side: python -m benchmarks.mnist_step --device cuda,
 #                       30 warm-up and 30 measured steps -> benchmarks/results/mnist_gpu/mnist_step.{md,json}
 #   sync_count   60 s   host-device synchronisations per forward / backward solve and per solver step:
-#                       benchmarks/sync_count.py -> benchmarks/results/sync_count_gpu.{md,json}
+#                       python -m benchmarks.sync_count -> benchmarks/results/sync_count_gpu.{md,json}
 #   cifar_small  90 s   CIFAR-10 step benchmark (paper section 4.2, Tables 2 and 3), the five forms side by
-#   cifar_large 180 s   side, batch 128 -> benchmarks/results/cifar_{small,large}_gpu.{md,json}
+#   cifar_large 180 s   side, batch 128 (python -m benchmarks.cifar_step) -> benchmarks/results/cifar_{small,large}_gpu.{md,json}
 #
 # With OUT set, the eight result files are copied into $OUT, flat, as each step ends:
 # mnist_gpu.{md,json}, sync_count_gpu.{md,json}, cifar_small_gpu.{md,json}, cifar_large_gpu.{md,json}.
@@ -106,18 +106,18 @@ else
     echo; echo "== cuda_tests: skipped (pytest is not installed)"
 fi
 
-step mnist 120 "$PYTHON" benchmarks/mnist_step.py --device cuda --warmup 30 --steps 30 \
+step mnist 120 "$PYTHON" -m benchmarks.mnist_step --device cuda --warmup 30 --steps 30 \
     --out-dir "$RESULTS/mnist_gpu"
 show_and_save "$RESULTS/mnist_gpu/mnist_step.md" mnist_gpu.md
 show_and_save "$RESULTS/mnist_gpu/mnist_step.json" mnist_gpu.json
 
-step sync_count 60 "$PYTHON" benchmarks/sync_count.py --device cuda --out "$RESULTS/sync_count_gpu"
+step sync_count 60 "$PYTHON" -m benchmarks.sync_count --device cuda --out "$RESULTS/sync_count_gpu"
 show_and_save "$RESULTS/sync_count_gpu.md" sync_count_gpu.md
 show_and_save "$RESULTS/sync_count_gpu.json" sync_count_gpu.json
 
 for size in small large; do
     if [ "$size" = small ]; then limit=90; else limit=180; fi
-    step "cifar_$size" "$limit" "$PYTHON" examples/cifar_multiscale.py --benchmark --device cuda --model "$size" \
+    step "cifar_$size" "$limit" "$PYTHON" -m benchmarks.cifar_step --device cuda --model "$size" \
         --batch-size 128 --warmup "${WARMUP:-3}" --repeats "${REPEATS:-5}" --out "$RESULTS/cifar_${size}_gpu"
     show_and_save "$RESULTS/cifar_${size}_gpu.md" "cifar_${size}_gpu.md"
     show_and_save "$RESULTS/cifar_${size}_gpu.json" "cifar_${size}_gpu.json"

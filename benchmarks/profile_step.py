@@ -2,7 +2,7 @@
 top Python functions, and the number of host synchronisations (tensor -> Python conversions:
 ``bool``, ``float``, ``int``, ``.item()``, ``.tolist()``) per forward pass.
 
-    python benchmarks/profile_step.py [--solver tsit5] [--steps 20] [--threads 1]
+    python -m benchmarks.profile_step [--solver tsit5] [--steps 20] [--threads 1]
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     text = report.getvalue()
     print(text)
     if args.out:
-        args.out.write_text(f"`python benchmarks/profile_step.py --solver {args.solver}`\n\n```\n{text}```\n")
+        args.out.write_text(f"`python -m benchmarks.profile_step --solver {args.solver}`\n\n```\n{text}```\n")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ host and device, the error checks of ``torch.linalg.solve``, ...); they are caug
 ``warnings.catch_warnings(record=True)`` and counted, with the source line that caused each.
 ``torch.cuda.synchronize()`` itself is not reported (none runs inside a counted pass). Beside them,
 on any device, the tensor-to-Python conversions (``bool``, ``float``, ``int``, ``.item()``,
-``.tolist()``, counted as in ``benchmarks/profile_step.py``): the synchronisations visible in the
+``.tolist()``, counted as in ``benchmarks.profile_step``): the synchronisations visible in the
 Python code; CUDA syncs above that number come from inside torch operations or from copies::
 
-    python benchmarks/sync_count.py --device cuda      # GPU machine, about 20 s: writes the results
-    python benchmarks/sync_count.py --device cpu       # dry run (wiring): CUDA syncs n/a, no files unless --out
+    python -m benchmarks.sync_count --device cuda     # GPU machine, about 20 s: writes the results
+    python -m benchmarks.sync_count --device cpu      # dry run (wiring): CUDA syncs n/a, no files unless --out
 
 Results: ``--out``.md and ``--out``.json (default on CUDA ``benchmarks/results/sync_count_gpu``).
 """
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shlex
 import statistics
 import sys
@@ -42,13 +41,11 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
-
-import mnist_step  # noqa: E402
-from profile_step import count_syncs as count_conversions  # noqa: E402
-from torchdyn_deq import ConvergenceWarning  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks import mnist_step
+from benchmarks.harness import RESULTS, machine, markdown_table as write_table, write_results as write_files
+from benchmarks.profile_step import count_syncs as count_conversions
+from torchdyn_deq import ConvergenceWarning
+from torchdyn_deq.experiments.baselines import InjectedNeuralODE
 SYNC_TEXT = "synchronizing cuda operation"  # torch's text: "called a synchronizing CUDA operation"
 METHODS = ("DEQ continuous vanilla (tsit5)", "DEQ continuous skip_reg (tsit5)", "DEQ continuous vanilla (vcab3)",
            "DEQ discrete vanilla (anderson)", mnist_step.BASELINE, "torchdeq DEQ (anderson, IFT)")
@@ -105,7 +102,7 @@ def counting_steps(method: mnist_step.Method) -> Iterator[List[int]]:
     """For torchdyn's Neural ODE: count its stepper's ``step`` calls (accepted and rejected
     steps; the adjoint uses the same stepper). Yields ``[steps]``; ``[None]`` for other models."""
     layer = method.net.layer
-    stepper = layer.ode.solver if isinstance(layer, mnist_step.NeuralODELayer) else None
+    stepper = layer.ode.solver if isinstance(layer, InjectedNeuralODE) else None
     if stepper is None or not hasattr(stepper, "step"):
         yield [None]
         return
@@ -205,22 +202,20 @@ def _fmt(value: Optional[float], digits: int = 0) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---" + "|--:" * (len(COLUMNS) - 1) + "|"]
+    cells = []
     for r in rows:
         if "error" in r:
-            lines.append("| " + " | ".join([r["method"], f"failed: {r['error'][:80]}"] + [""] * (len(COLUMNS) - 2))
-                         + " |")
+            cells.append([r["method"], f"failed: {r['error'][:80]}"] + [""] * (len(COLUMNS) - 2))
             continue
         f, b, p = r["forward"], r["backward"], r["predict"]
         steps = _fmt(r["steps"]) + ("" if not r["steps_rejected"] else f" ({_fmt(r['steps_rejected'])} rej.)")
-        cells = [r["method"], steps, _fmt(r["f_evals"]), _fmt(f["cuda_syncs"]), _fmt(r["forward_syncs_per_step"], 2),
-                 _fmt(r["forward_syncs_per_f_eval"], 2), _fmt(f["conversions"]),
-                 f"{_fmt(r['backward_steps'])} {r['backward_unit']}",
-                 _fmt(b["cuda_syncs"]), _fmt(r["backward_syncs_per_iter"], 2), _fmt(b["conversions"]),
-                 _fmt(r["predict_steps"]), _fmt(p["cuda_syncs"]), _fmt(r["predict_syncs_per_step"], 2),
-                 f"{f['unconverged']} / {b['unconverged']}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells.append([r["method"], steps, _fmt(r["f_evals"]), _fmt(f["cuda_syncs"]), _fmt(r["forward_syncs_per_step"], 2),
+                      _fmt(r["forward_syncs_per_f_eval"], 2), _fmt(f["conversions"]),
+                      f"{_fmt(r['backward_steps'])} {r['backward_unit']}",
+                      _fmt(b["cuda_syncs"]), _fmt(r["backward_syncs_per_iter"], 2), _fmt(b["conversions"]),
+                      _fmt(r["predict_steps"]), _fmt(p["cuda_syncs"]), _fmt(r["predict_syncs_per_step"], 2),
+                      f"{f['unconverged']} / {b['unconverged']}"])
+    return write_table(COLUMNS, cells, align="l" + "r" * (len(COLUMNS) - 1))
 
 
 NOTES = """\
@@ -242,16 +237,14 @@ NOTES = """\
 
 def write_results(rows: List[dict], info: dict, setup: dict, command: str, out: Path) -> str:
     table = markdown_table(rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
     sites = "\n".join(f"- {r['method']}: fwd {', '.join(r['forward']['top_sites']) or '-'}; "
                       f"bwd {', '.join(r['backward']['top_sites']) or '-'}" for r in rows if "error" not in r)
-    out.with_name(out.name + ".md").write_text(
+    write_files(out, (
         f"# Host-device synchronisations per solve, MNIST batch {setup['batch_size']}\n\n`{command}`\n\n"
         f"Device {info['device']}; torch {info['torch']}, torchdyn {info['torchdyn']}, torchdeq {info['torchdeq']}, "
         f"torchdyn_deq {info['torchdyn_deq']}, Python {info['python']}, {info['platform']}.\n\n{table}\n\n"
-        f"{NOTES.format(**setup)}\nMost frequent sync sites (per pass):\n\n{sites}\n")
-    out.with_name(out.name + ".json").write_text(json.dumps(
-        {"command": command, "machine": info, "setup": setup, "rows": rows}, indent=2, default=str))
+        f"{NOTES.format(**setup)}\nMost frequent sync sites (per pass):\n\n{sites}\n"),
+        {"command": command, "machine": info, "setup": setup, "rows": rows})
     return table
 
 
@@ -322,10 +315,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 except Exception as error:
                     fail(method.name, "count", error)
     rows = [failed[name] if name in failed else summarize(name, records[name]) for name in METHODS]
-    info = mnist_step.machine(args.threads, device)
+    info = machine(args.threads, device)
     setup = {"device": args.device, "warmup": args.warmup, "batches": args.batches, "batch_size": mnist_step.BATCH,
              "tol": args.tol, "lr": args.lr, "seed": args.seed, "wall_time_s": time.perf_counter() - start}
-    command = shlex.join(["python", "benchmarks/sync_count.py", *argv])
+    command = shlex.join(["python", "-m", "benchmarks.sync_count", *argv])
     if args.out is not None:
         print(write_results(rows, info, setup, command, args.out))
         print(f"\nwritten to {args.out}.md and .json")

@@ -1,13 +1,16 @@
-"""The documentation runs and states the code's defaults.
+"""The documentation runs, states the code's defaults, and quotes the committed results.
 
-Every fenced ``python`` block of ``docs/*.md`` is executed; the blocks of one page share a
-namespace, in order. A block preceded by a ``<!-- skip -->`` line is not run.
+Every fenced ``python`` block of ``docs/**/*.md`` (the tutorials included) and of the README is
+executed; the blocks of one page share a namespace, in order. A block preceded by a
+``<!-- skip -->`` line is not run; a page whose first line is ``<!-- slow -->`` is a slow test.
+The generated blocks (``docs/scripts/tables.py``) must equal what the benchmark JSON gives.
 """
 from __future__ import annotations
 
 import inspect
 import math
 import re
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,8 +19,20 @@ import torch.nn as nn
 
 import torchdyn_deq as td
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = sorted(DOCS.glob("*.md"))
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.rglob("*.md"))
+
+
+def _load(name: str):
+    """docs/scripts/<name>.py as a module (docs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"docs_scripts_{name}", DOCS / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tables = _load("tables")
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
 
 
@@ -33,9 +48,11 @@ def python_blocks(text: str):
 
 
 def test_pages_found():
-    names = {p.name for p in PAGES}
-    assert {"index.md", "from-neuralode.md", "choosing.md", "skip.md", "jacobian.md", "discrete.md",
-            "solution.md", "faq.md", "api.md", "citation.md"} <= names
+    names = {p.relative_to(DOCS).as_posix() for p in PAGES}
+    assert {"index.md", "concepts.md", "from-neuralode.md", "choosing.md", "skip.md", "jacobian.md", "discrete.md",
+            "solution.md", "faq.md", "benchmarks.md", "changelog.md", "citation.md", "api/index.md",
+            "tutorials/moons.md", "tutorials/mnist-table1.md", "tutorials/skip-reg.md",
+            "tutorials/non-convergence.md"} <= names
 
 
 def test_block_extraction():
@@ -43,16 +60,34 @@ def test_block_extraction():
     assert python_blocks(text) == [(2, "x = 1\n")]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
-def test_page_code_runs(page, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # Lightning and friends write files: keep them out of the repo
-    torch.set_num_threads(1)
+def run_blocks(page: Path) -> dict:
+    """Run the python blocks of ``page`` in order in one namespace; return it."""
+    name = page.relative_to(ROOT).as_posix()
     namespace = {"__name__": f"docs_{page.stem.replace('-', '_')}"}
     for line, code in python_blocks(page.read_text()):
         try:
-            exec(compile(code, f"{page.name}:{line}", "exec"), namespace)
+            exec(compile(code, f"{name}:{line}", "exec"), namespace)
         except Exception as err:  # name the block in the failure
-            raise AssertionError(f"the python block at {page.name}:{line} failed: {err!r}") from err
+            raise AssertionError(f"the python block at {name}:{line} failed: {err!r}") from err
+    return namespace
+
+
+def _page_param(page: Path):
+    slow = page.read_text().startswith("<!-- slow -->")
+    return pytest.param(page, id=page.relative_to(DOCS).as_posix(), marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("page", [_page_param(p) for p in PAGES])
+def test_page_code_runs(page, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # Lightning and friends write files: keep them out of the repo
+    run_blocks(page)
+
+
+def test_readme_blocks_run_in_order(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert len(python_blocks((ROOT / "README.md").read_text())) >= 2
+    namespace = run_blocks(ROOT / "README.md")
+    assert namespace["model"].solution.converged
 
 
 # ---------------------------------------------------------------------------- defaults
@@ -125,7 +160,72 @@ def test_pages_state_the_defaults(name, phrases):
     assert not missing, f"{name} does not state: {missing}"
 
 
-def test_api_page_lists_every_public_name():
-    listed = set(re.findall(r"^::: torchdyn_deq\.(\w+)", (DOCS / "api.md").read_text(), re.M))
+def test_api_pages_list_every_public_name():
+    listed = set()
+    for page in (DOCS / "api").glob("*.md"):
+        listed |= set(re.findall(r"^::: torchdyn_deq\.(\w+)", page.read_text(), re.M))
     missing = sorted(set(td.__all__) - {"__version__"} - listed)
-    assert not missing, f"docs/api.md lacks ::: entries for {missing}"
+    assert not missing, f"docs/api/*.md lack ::: entries for {missing}"
+
+
+# ---------------------------------------------------------------------------- generated numbers
+def test_generated_blocks_match_the_committed_results():
+    stale = [p.relative_to(DOCS).as_posix() for p in PAGES if tables.stale(p)]
+    assert not stale, f"pages whose generated blocks differ from benchmarks/results: {stale}; " \
+                      "run python docs/scripts/tables.py"
+
+
+def test_every_generator_is_used():
+    used = set()
+    for page in PAGES:
+        used |= {m.group("name") for m in tables.BLOCK.finditer(page.read_text())}
+    assert used == set(tables.GENERATORS), f"unused: {set(tables.GENERATORS) - used}, unknown: {used - set(tables.GENERATORS)}"
+
+
+def test_a_hand_edited_number_is_caught():
+    page = (DOCS / "choosing.md").read_text()
+    assert "<!-- generated: mnist_step_summary -->" in page and tables.render(page) == page
+    start = page.index("<!-- generated: mnist_step_summary -->")
+    edited = page[:start] + page[start:].replace("| DEQ continuous vanilla (tsit5) | ", "| DEQ continuous vanilla (tsit5) | 1", 1)
+    assert edited != page and tables.render(edited) == page  # the regenerated text undoes the edit
+    with pytest.raises(ValueError, match="unknown generated block 'nope'"):
+        tables.render("<!-- generated: nope -->\nx\n<!-- /generated -->")
+
+
+def test_generated_numbers_come_from_the_json():
+    rows = {r["method"]: r for r in tables.load("mnist_step")["rows"]}
+    vanilla = rows["DEQ continuous vanilla (tsit5)"]
+    summary = tables.mnist_step_summary()
+    assert f"| DEQ continuous vanilla (tsit5) | {1e3 * vanilla['forward_s']:.2f} | {1e3 * vanilla['backward_s']:.2f} |" \
+        in summary
+    # the findings name the fastest exact training step as the table has it
+    exact = {k: r for k, r in rows.items() if "approximate" not in k}
+    fastest = min(exact, key=lambda k: exact[k]["step_s"])
+    assert f"Fastest training step with an exact gradient: {fastest} (" in tables.mnist_step_findings()
+
+
+def test_every_image_exists():
+    missing = []
+    for page in PAGES:
+        for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page.read_text()):
+            if not (page.parent / target).is_file():
+                missing.append(f"{page.relative_to(DOCS)}: {target}")
+    assert not missing, f"images not found: {missing}"
+
+
+# ---------------------------------------------------------------------------- docstring examples
+DOCTESTED = ["torchdyn_deq._models", "torchdyn_deq._initializers", "torchdyn_deq._regularizers",
+             "torchdyn_deq.multiscale.zoo", "torchdyn_deq.experiments.baselines"]
+
+
+@pytest.mark.parametrize("module", DOCTESTED)
+def test_docstring_examples_run(module):
+    """The ``Examples:`` of the public classes run and print what they show."""
+    import doctest
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained MDEQ's capped solve warns
+        result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, f"{module}: {result}"

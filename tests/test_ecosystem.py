@@ -1,8 +1,7 @@
 """The models among torchdyn's and PyTorch's building blocks: nn.Sequential, DataControl,
-DepthCat, Augmenter, and state_dict round trips."""
+DepthCat, Augmenter (save / load: tests/test_serialization.py)."""
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ import torchdyn_deq as td
 
 @pytest.fixture(autouse=True)
 def seeded():
-    torch.set_num_threads(1)
     torch.manual_seed(0)
 
 
@@ -161,39 +159,3 @@ def test_augmenter_with_a_deq():
     assert torch.equal(model[0](x), x_aug)
     assert z.shape == (5, 6)
     assert torch.allclose(z, layer(z, x_aug), atol=1e-2)
-
-
-# ---------------------------------------------------------------------------- save / load
-@pytest.mark.parametrize("kind", ["deq", "skip", "skip_reg", "anderson", "node"])
-def test_state_dict_round_trip(kind, tmp_path):
-    def build():
-        if kind == "node":
-            return td.InfiniteTimeNeuralODE(Field(4))
-        if kind == "skip":
-            return td.DEQ(Layer(), initializer=td.SkipInitializer(nn.Linear(4, 4)))
-        if kind == "skip_reg":
-            return td.DEQ(Layer(), initializer="skip_reg")
-        return td.DEQ(Layer(), solver="anderson" if kind == "anderson" else "tsit5")
-
-    model = build()
-    torch.manual_seed(1)
-    copy = build()
-    x = torch.randn(3, 4)
-    path = tmp_path / "model.pt"
-    torch.save(model.state_dict(), path)
-    copy.load_state_dict(torch.load(path))
-    with torch.no_grad():
-        t1, s1 = model(x)
-        t2, s2 = copy(x)
-    assert torch.equal(s1, s2) and torch.equal(t1, t2)
-
-
-def test_whole_model_pickles():
-    model = td.DEQ(Layer())
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    copy = torch.load(buffer, weights_only=False)
-    x = torch.randn(3, 4)
-    with torch.no_grad():
-        assert torch.equal(model(x)[1], copy(x)[1])

@@ -67,3 +67,8 @@ def test_torchdyn_moons():
 def test_trajectory_supervision():
     result = load("trajectory_supervision").main(["--steps", "3", "--width", "16", "--test-samples", "64"])
     assert 0.0 <= result["test_accuracy"] <= 100.0 and result["test_nfe"] > 0
+
+
+def test_cifar_multiscale():
+    record = load("cifar_multiscale").main(["--steps", "2", "--batch", "2"])
+    assert record["nfe"] > 0 and record["backward_iters"] > 0 and record["loss"] == record["loss"]

@@ -298,3 +298,17 @@ def test_tsit5_does_not_stall_on_a_stiff_field(lam, tol):
                                 td.ODESteadyStateSolver("tsit5"), td.SolveOptions(tol, tol, 200))
     assert sol.converged and sol.iterations < 60, (sol.iterations, sol.steps_rejected)
     torch.testing.assert_close(sol.z_star, torch.ones(2, 3, dtype=torch.float64), rtol=0, atol=20 * tol)
+
+
+def test_a_sample_converged_to_residual_zero_does_not_stall_the_others():
+    """Found by the property test: one sample reached residual exactly 0 while another was still
+    converging slowly (5x per 11 time units); 0 / 0 in the progress ratio read as no progress
+    and the solve was reported 'stalled' at t = 55."""
+    W = torch.tensor([[0.8750]], dtype=torch.float64)
+    U = torch.tensor([[-1.2962]], dtype=torch.float64)
+    x = torch.tensor([[-0.5457], [0.0179], [-1.3134]], dtype=torch.float64)
+    model = td.DEQ(_RandomLayer(W, U), solver="vcab3", atol=1e-6, rtol=1e-6, state_shape=(1,), max_steps=2000,
+                   on_failure="raise")
+    with torch.no_grad():
+        model(x)
+    assert model.solution.converged

@@ -1,6 +1,6 @@
 """The MNIST experiment CLI (torchdyn_deq.experiments.mnist) and the step benchmark, end to end
 on tiny slices of the data."""
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -17,18 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _benchmark(name: str):
-    """Import ``benchmarks/<name>.py`` (not a package) as the module ``name``, as the scripts
-    import each other."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # before running it: dataclasses look their module up there
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]
+    """The benchmark module ``benchmarks.<name>`` (benchmarks/ is a package)."""
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_cli_trains_tests_and_writes_the_table(tmp_path, capsys):
@@ -90,7 +80,7 @@ def test_neural_ode_baseline_gives_the_encoder_a_gradient():
 
 @pytest.mark.slow  # about 12 s on 2 idle cores, up to 30 s when they are shared
 def test_step_benchmark_smoke(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mnist_step.py"), "--smoke", "--threads", "1",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.mnist_step", "--smoke", "--threads", "1",
                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr
     methods = ["DEQ continuous vanilla (tsit5)", "DEQ continuous skip (tsit5)", "DEQ continuous skip_reg (tsit5)",
@@ -107,7 +97,7 @@ def test_step_benchmark_smoke(tmp_path):
     assert "| NeuralODE (adjoint) |" in out.stdout and "1.00 | 1.00 | 1.00 | 1.00 |" in out.stdout
 
     results = json.loads((tmp_path / "mnist_step.json").read_text())
-    assert results["command"].startswith("python benchmarks/mnist_step.py --smoke")
+    assert results["command"].startswith("python -m benchmarks.mnist_step --smoke")
     assert results["machine"]["torch_threads"] == 1 and "torchdeq" in results["machine"]
     assert results["machine"]["device"] == "cpu" and ", device cpu, " in (tmp_path / "mnist_step.md").read_text()
     by_name = {r["method"]: r for r in results["rows"]}
@@ -156,7 +146,7 @@ def test_sync_count_counts_every_sync_warning(monkeypatch):
 
 @pytest.mark.slow  # about 10 s on 2 idle cores
 def test_sync_count_dry_run_on_cpu(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sync_count.py"), "--device", "cpu",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.sync_count", "--device", "cpu",
                           "--warmup", "1", "--batches", "1", "--out", str(tmp_path / "sync")],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr

@@ -1,19 +1,19 @@
 """Multiscale DEQs (torchdyn_deq.multiscale): the flat state, implicit gradients through the
-multiscale layer, the CIFAR model zoo's sizes, training of every form, and the CIFAR example."""
-import importlib.util
+multiscale layer, the CIFAR model zoo's sizes, training of every form, the CIFAR experiment and
+its step benchmark."""
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import torchdyn_deq as td
+from benchmarks import cifar_step
+from torchdyn_deq.experiments import cifar
 from torchdyn_deq.multiscale import (MDEQ_LARGE, MDEQ_SMALL, MDEQConfig, MDEQLayer, MultiscaleState, SkipPredictor,
                                      init_weights, mdeq_classifier, mdeq_large, mdeq_small)
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = MDEQConfig(channels=(4, 8), head_channels=(2, 4), final_channels=16, expansion=2, groups=2, resolution=8)
 
 
@@ -137,17 +137,9 @@ def test_every_form_trains(form, variant):
         assert model.backward_stats()["backward_nfe"] > 0
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("cifar_multiscale", REPO / "examples" / "cifar_multiscale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
-def test_cifar_example_synthetic_smoke(tmp_path, capsys):
-    example = _example()
-    example.main(["--synthetic", "--steps", "2", "--batch-size", "4", "--test-samples", "8", "--form",
+def test_cifar_experiment_synthetic_smoke(tmp_path, capsys):
+    cifar.main(["--synthetic", "--steps", "2", "--batch-size", "4", "--test-samples", "8", "--form",
                   "continuous,neural_ode", "--variant", "skip_reg", "--no-progress", "--threads", "1",
                   "--out-dir", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
@@ -162,19 +154,19 @@ def test_cifar_example_synthetic_smoke(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cifar_benchmark_smoke(tmp_path):
-    example = _example()
     out = tmp_path / "bench"
-    example.main(["--benchmark", "--synthetic", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
-                  "--threads", "1", "--out", str(out)])
+    cifar_step.main(["--batch-size", "2", "--warmup", "0", "--repeats", "1", "--threads", "1", "--out", str(out)])
     result = json.loads(out.with_suffix(".json").read_text())
-    assert [(r["form"], r["variant"]) for r in result["rows"]] == list(example.BENCH_FORMS)
+    assert [(r["form"], r["variant"]) for r in result["rows"]] == list(cifar_step.BENCH_FORMS)
     assert result["rows"][0]["step_speedup_vs_node"] == 1.0
     assert "torch_threads" in result["machine"] and "Step speed-up vs NODE" in out.with_suffix(".md").read_text()
 
 
-def test_cifar_example_refuses_cuda_without_gpu(capsys):
+@pytest.mark.parametrize("parse", [lambda argv: cifar.parse_args(argv), lambda argv: cifar_step.parse_args(argv)],
+                         ids=["experiment", "benchmark"])
+def test_cifar_refuses_cuda_without_gpu(parse, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit) as exit_info:
-        _example().parse_args(["--benchmark", "--device", "cuda"])
+        parse(["--device", "cuda"])
     assert exit_info.value.code == 2 and "CUDA is not available" in capsys.readouterr().err

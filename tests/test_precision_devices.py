@@ -7,23 +7,9 @@ import torch
 import torch.nn as nn
 
 import torchdyn_deq as td
-
-torch.set_num_threads(1)
+from conftest import LinearLayer
 
 SOLVERS = ["tsit5", "anderson"]
-
-
-class Layer(nn.Module):
-    """f(z, x) = tanh(lin(z) + inj(x)), contractive."""
-
-    def __init__(self, d=4, m=3):
-        super().__init__()
-        self.lin, self.inj = nn.Linear(d, d), nn.Linear(m, d)
-        with torch.no_grad():
-            self.lin.weight.mul_(0.5 / torch.linalg.matrix_norm(self.lin.weight, ord=2))
-
-    def forward(self, z, x):
-        return torch.tanh(self.lin(z) + self.inj(x))
 
 
 def _run(model, x):
@@ -39,7 +25,7 @@ def _run(model, x):
 @pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_float32_and_float64_forward_backward(solver, dtype):
-    model = td.DEQ(Layer().to(dtype), solver=solver, state_shape=(4,))
+    model = td.DEQ(LinearLayer().to(dtype), solver=solver, state_shape=(4,))
     x = torch.randn(5, 3, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # converges, no dtype warnings
@@ -51,7 +37,7 @@ def test_float32_and_float64_forward_backward(solver, dtype):
 
 
 def test_to_float64_then_float64_input():
-    f = Layer()
+    f = LinearLayer()
     model = td.DEQ(f, state_shape=(4,), atol=1e-10, rtol=1e-10).to(torch.float64)
     assert all(p.dtype == torch.float64 for p in model.parameters())
     x = torch.randn(3, 3, dtype=torch.float64)
@@ -72,7 +58,7 @@ def test_cpu_autocast_low_precision_matches_float32_loosely(solver, dtype):
     within ~1% of float32. bfloat16's rounding (2^-8 = 3.9e-3 relative) is above the default
     tolerance 1e-3: there the stop test sits at the noise floor and only chance meets it (the
     loop may report 'stalled' there, at a residual of a few units)."""
-    f = Layer()
+    f = LinearLayer()
     x = torch.randn(5, 3)
     ref = td.DEQ(copy.deepcopy(f), solver=solver, state_shape=(4,))
     z32, g32, gx32 = _run(ref, x)
@@ -108,7 +94,7 @@ def test_autocast_with_a_vector_field_returning_low_precision_is_a_clear_error()
 def test_pure_low_precision_model_with_fixed_step_or_root_solvers(solver, dtype):
     """A model cast entirely to bfloat16/float16: these solvers converge and, with a linear
     solver that needs no triangular solve (FixedPointSolver), the backward works too."""
-    f = Layer()
+    f = LinearLayer()
     x = torch.randn(5, 3)
     z32 = td.DEQ(copy.deepcopy(f), state_shape=(4,))(x)[1][-1]
     sens = td.SteadyStateSensitivity(td.FixedPointSolver(rtol=1e-2))
@@ -124,7 +110,7 @@ def test_pure_low_precision_model_with_fixed_step_or_root_solvers(solver, dtype)
 def test_pure_low_precision_default_backward(dtype):
     """The default backward (GMRES) runs its Krylov arithmetic in float32 for half-precision
     states (no CPU half triangular solve) and returns gradients of the parameters' dtype."""
-    model = td.DEQ(Layer().to(dtype), solver="fixed_point", state_shape=(4,))
+    model = td.DEQ(LinearLayer().to(dtype), solver="fixed_point", state_shape=(4,))
     z = model(torch.randn(5, 3, dtype=dtype))[1][-1]
     z.float().sum().backward()
     assert model.solution.backward_iters >= 1
@@ -136,7 +122,7 @@ def test_pure_low_precision_default_backward(dtype):
 def test_pure_low_precision_model_with_adaptive_and_anderson(solver, dtype):
     """Norms in float32 (half-precision pow(2) overflowed), step sizes as Python floats (a
     float32 dt promoted bfloat16 states), Anderson's small KKT solve in float32."""
-    f = Layer()
+    f = LinearLayer()
     x = torch.randn(5, 3)
     z32 = td.DEQ(copy.deepcopy(f), state_shape=(4,))(x)[1][-1]
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-3  # bfloat16 resolves about 8e-3 relative
@@ -155,7 +141,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.mark.parametrize("solver", ["tsit5", "vcab3", "anderson", "broyden"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_forward_backward(solver, dtype):
-    f = Layer().to(dtype)
+    f = LinearLayer().to(dtype)
     x = torch.randn(5, 3, dtype=dtype)
     z_cpu, g_cpu, gx_cpu = _run(td.DEQ(copy.deepcopy(f), solver=solver, state_shape=(4,)), x)
     model = td.DEQ(copy.deepcopy(f), solver=solver, state_shape=(4,)).cuda()
@@ -170,7 +156,7 @@ def test_cuda_forward_backward(solver, dtype):
 
 @cuda
 def test_cuda_skip_reg_jacobian_penalty_and_autocast():
-    model = td.DEQ(Layer(), initializer="skip_reg", jacobian_penalty=td.JacobianPenalty(), state_shape=(4,)).cuda()
+    model = td.DEQ(LinearLayer(), initializer="skip_reg", jacobian_penalty=td.JacobianPenalty(), state_shape=(4,)).cuda()
     x = torch.randn(5, 3, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         z = model(x)[1][-1]

@@ -72,6 +72,15 @@ class SkipInitializer(_SkipLoss):
     Args:
         predictor: module mapping the input ``x`` to a state-shaped tensor.
         weight: ``lambda_skip``. Default ``0.01`` (the paper's).
+
+    Examples:
+        >>> import torch, torch.nn as nn, torchdyn_deq as td
+        >>> lin = nn.Linear(8, 8)
+        >>> model = td.DEQ(lambda z, x: torch.tanh(lin(z) + x),
+        ...                initializer=td.SkipInitializer(nn.Linear(8, 8)))
+        >>> _, sol = model(torch.randn(4, 8))
+        >>> bool(model.solution.aux_loss > 0)           # add it to the task loss
+        True
     """
 
     def __init__(self, predictor: nn.Module, weight: float = 0.01):
@@ -92,6 +101,14 @@ class SkipRegInitializer(_SkipLoss):
 
     Args:
         weight: ``lambda_skip``. Default ``0.01`` (the paper's).
+
+    Examples:
+        >>> import torch, torch.nn as nn, torchdyn_deq as td
+        >>> lin = nn.Linear(8, 8)
+        >>> model = td.DEQ(lambda z, x: torch.tanh(lin(z) + x), initializer=td.SkipRegInitializer())
+        >>> _, sol = model(torch.randn(4, 8))
+        >>> model.solution.skip_loss.shape, bool(torch.equal(model.solution.aux_loss, model.solution.skip_loss))
+        (torch.Size([]), True)
     """
 
     def __init__(self, weight: float = 0.01):

@@ -174,8 +174,9 @@ class _Tracker:
         worst = torch.minimum(self._sub(self.best_res), res).amax()  # NaN propagates to the host check
         # the open samples' best and reference residuals, 0 for converged ones: res / 0 = inf
         # drops them from the progress ratio and from the rise (minima over samples)
-        progress = (res / self._sub(self.reference_open)).amin()  # < IMPROVEMENT: some sample improved
-        rise = (res / self._sub(self.best_open)).nan_to_num_(math.inf).amin()  # 0 / 0: a converged sample
+        # 0 / 0 = NaN: a converged sample at residual 0, to be left out like the others
+        progress = (res / self._sub(self.reference_open)).nan_to_num_(math.inf).amin()  # < IMPROVEMENT: progress
+        rise = (res / self._sub(self.best_open)).nan_to_num_(math.inf).amin()
         return _Measure(z, res, (worst, progress, _wide(z).abs().amax(), rise))
 
     def commit(self, m: _Measure, host: Sequence[float], nfe: int, t: float, accepted: int) -> Optional[Result]:

@@ -91,6 +91,20 @@ class InfiniteTimeNeuralODE(NeuralODE):
 
     ``order > 1``, ``solver_adjoint``, ``interpolator``, ``integral_loss``, ``seminorm`` and
     ``save_at`` belong to finite-time integration and are refused with an error.
+
+    Examples:
+        >>> import torch, torch.nn as nn, torchdyn_deq as td
+        >>> from torchdyn.nn import DataControl
+        >>> class Field(nn.Module):                  # dz/dt = tanh(W [z, x] + b) - z
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = nn.Sequential(DataControl(), nn.Linear(8, 4), nn.Tanh())
+        ...     def forward(self, t, z, args=None):
+        ...         return self.net(z) - z           # DataControl puts the input x next to z
+        >>> model = td.InfiniteTimeNeuralODE(Field())
+        >>> t_eval, sol = model(torch.randn(16, 4))
+        >>> len(t_eval), model.solution.converged       # [0, t reached]; sol[-1] is the steady state
+        (2, True)
     """
 
     def __init__(self, vector_field: Union[Callable, nn.Module], solver: Union[str, nn.Module, SteadyStateSolver] = "tsit5",
@@ -336,6 +350,15 @@ class DEQ(InfiniteTimeNeuralODE):
         initializer: default ``'zeros'``; ``'skip_reg'`` or ``SkipInitializer(predictor)``
             for the Skip variants.
         **kwargs: every other keyword of `InfiniteTimeNeuralODE`.
+
+    Examples:
+        >>> import torch, torch.nn as nn, torchdyn_deq as td
+        >>> lin, inj = nn.Linear(8, 8), nn.Linear(3, 8)
+        >>> model = td.DEQ(lambda z, x: torch.tanh(lin(z) + inj(x)), state_shape=(8,))
+        >>> t_eval, sol = model(torch.randn(4, 3))
+        >>> sol[-1].sum().backward()            # implicit gradients into lin and inj
+        >>> tuple(sol.shape), model.solution.converged, model.solution.backward_iters > 0
+        ((2, 4, 8), True, True)
     """
 
     def __init__(self, f: Callable[[Tensor, Tensor], Tensor], solver="tsit5", *, initializer="zeros", **kwargs):

