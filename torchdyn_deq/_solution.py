@@ -90,8 +90,9 @@ class SolveOptions:
     """What one forward solve is asked to do.
 
     Args:
-        atol, rtol: the stop test, per sample: ``rms(g(z) / (atol + rtol |z|)) <= 1``.
-            ``atol > 0``: with ``atol = 0`` the test cannot be met where a component of ``z`` is 0.
+        atol: absolute tolerance of the stop test, per sample ``rms(g(z) / (atol + rtol |z|)) <= 1``;
+            ``> 0``: with ``atol = 0`` the test cannot be met where a component of ``z`` is 0.
+        rtol: its relative tolerance, ``>= 0``.
         max_steps: bound on solver steps (accepted + rejected) or iterations.
         budget: ``max_steps`` is a budget (inference with ``eval_max_steps``): reaching it is
             `Result.budget`, a success, instead of `Result.max_steps`.

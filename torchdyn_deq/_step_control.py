@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 
 ANGLES = 361  # directions from pi/2 (imaginary axis) to pi (negative real axis), 0.25 degree apart
+REACH = 0.25  # a step above this fraction of the last stability limit estimates the eigenvalues again
+STALE = 4  # and so does every step once the last estimate is this many steps old
 
 
 def _radii(unstable: Callable[[Tensor], Tensor], r_max: float, n_r: int) -> Tensor:
@@ -161,7 +163,8 @@ class StepController:
         order: the exponent's order (the error estimate's order plus one).
         region: the method's `StabilityRegion`, or ``None`` for no stability limit.
         safety: error-control safety factor. Default ``0.9`` (torchdyn's and Hairer's).
-        min_factor, max_factor: bounds of the step change. Defaults ``0.2`` and ``10.0``.
+        min_factor: smallest step change. Default ``0.2`` (torchdyn's).
+        max_factor: largest step change. Default ``10.0`` (torchdyn's).
         stability_safety: fraction of the stability radius used. Default ``0.8``: the estimates
             are approximate, and at ``|growth| = 1`` a mode would not decay at all.
         max_step: largest step. Default ``inf`` (the stability limit bounds it).
@@ -180,6 +183,16 @@ class StepController:
             return math.inf
         return self.region.step_limit(ritz_values(moments), moments[8], self.stability_safety)
 
+    def wants_estimate(self, dt: float, limit: float, age: int) -> bool:
+        """Whether the next step should estimate the eigenvalues again: when the step is within
+        ``REACH`` of the last limit (the limit may bind), or that estimate is ``STALE`` steps old.
+        A transient whose steps are far below the limit, set by accuracy, skips the estimate."""
+        return self.region is not None and (dt > REACH * limit or age >= STALE)
+
+    def refresh(self, limit: float, age: int, moments: Sequence[float]) -> Tuple[float, int]:
+        """``(limit, age)`` after a step that did (``moments``) or did not (empty) estimate."""
+        return (self.stable_step(moments), 0) if moments else (limit, age + 1)
+
     def next_step(self, dt: float, ratio: float, stable: float, order: Optional[int] = None) -> float:
         """The next step after a step ``dt`` with error ratio ``ratio`` and stability limit
         ``stable`` (``order`` overrides the controller's, for a multistep start-up)."""
@@ -196,8 +209,8 @@ class StepController:
 
 def error_ratio(err: Tensor, z: Tensor, z_new: Tensor, atol: float, rtol: float) -> Tensor:
     """``rms(err / (atol + rtol max(|z|, |z_new|)))`` over the whole batch, a 0-dim tensor."""
-    scale = atol + rtol * torch.maximum(z.abs(), z_new.abs())
-    return torch.linalg.vector_norm(err / scale) / max(err.numel(), 1) ** 0.5
+    scale = torch.maximum(z.abs(), z_new.abs()).mul_(rtol).add_(atol)  # in place: fewer allocations
+    return torch.linalg.vector_norm(torch.div(err, scale, out=scale)).mul_(1 / max(err.numel(), 1) ** 0.5)
 
 
 def first_step(g0: Tensor, z0: Tensor, atol: float, rtol: float, order: int) -> Tensor:
