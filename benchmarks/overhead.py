@@ -1,0 +1,154 @@
+"""The solvers' own cost: time over the network's cost of the same work, side by side in one run.
+
+For the paper's MNIST layer ``f(z, x) = tanh(l2(tanh(l1(z))) + x)`` at random init:
+
+- forward overhead = no-grad solve time / (NFE x one evaluation of ``g = f - z``);
+- backward overhead = ``backward()`` time / (GMRES iterations x one VJP of ``g`` in ``z``
+  + one full VJP of ``g`` in ``z``, ``x`` and the parameters).
+
+1.0 is the physical limit (nothing but the network). Every method's repeats are interleaved, so
+a change of machine load affects all alike; medians are reported::
+
+    python -m benchmarks.overhead --threads 1
+    python -m benchmarks.overhead --threads 1 --sizes 32x128 --repeats 5   # quick
+
+Results: ``benchmarks/results/overhead.{md,json}`` (or ``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import torchdyn_deq as td
+from benchmarks.harness import RESULTS, machine, markdown_table, median, write_results
+from torchdyn_deq.experiments.mnist import InjectedLayer
+
+SOLVERS = ("tsit5", "dopri5", "vcab3", "anderson", "broyden")
+TOL = 5e-3  # the MNIST experiment's forward tolerance
+
+
+def _timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def network_costs(f: InjectedLayer, x: torch.Tensor, repeats: int) -> Dict[str, float]:
+    """Median seconds of one ``g = f - z``, one VJP of ``g`` in ``z``, and one full VJP (``z``, ``x``,
+    parameters) including the evaluation it differentiates (the backward's final product)."""
+    z = torch.randn_like(x)
+    v = torch.randn_like(x)
+    with torch.no_grad():
+        g_eval = _timed(lambda: f(z, x) - z, repeats)
+    zl = z.clone().requires_grad_()
+    gz = f(zl, x) - zl
+    vjp_z = _timed(lambda: torch.autograd.grad(gz, zl, v, retain_graph=True), repeats)
+    xg = x.clone().requires_grad_()
+    inputs = [zl, xg, *f.parameters()]
+
+    def full():
+        torch.autograd.grad(f(zl, xg) - zl, inputs, v)
+    return {"g_eval": g_eval, "vjp_z": vjp_z, "vjp_full": _timed(full, repeats)}
+
+
+def measure(size: Tuple[int, int], repeats: int, seed: int = 0) -> List[dict]:
+    """One row per solver at ``(batch, width)``."""
+    batch, width = size
+    torch.manual_seed(seed)
+    f = InjectedLayer(width)
+    x = torch.randn(batch, width)
+    cost = network_costs(f, x, 20 * repeats)
+    models = {s: td.DEQ(f, solver=s, atol=TOL, rtol=TOL, state_shape=(width,)) for s in SOLVERS}
+    fwd: Dict[str, List[float]] = {s: [] for s in SOLVERS}
+    bwd: Dict[str, List[float]] = {s: [] for s in SOLVERS}
+    info: Dict[str, Tuple[int, Optional[int]]] = {}
+    v = torch.randn(batch, width)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):  # warm-up: allocator, first-call checks
+            for model in models.values():
+                model(x)[1][-1].backward(v)
+        for _ in range(repeats):
+            for name, model in models.items():
+                with torch.no_grad():
+                    start = time.perf_counter()
+                    model(x)
+                    fwd[name].append(time.perf_counter() - start)
+                nfe = model.solution.nfe
+                xg = x.clone().requires_grad_()
+                out = model(xg)[1][-1]
+                start = time.perf_counter()
+                out.backward(v)
+                bwd[name].append(time.perf_counter() - start)
+                info[name] = (nfe, model.solution.backward_iters)
+    rows = []
+    for name in SOLVERS:
+        nfe, iters = info[name]
+        t_fwd, t_bwd = median(fwd[name]), median(bwd[name])
+        rows.append({
+            "size": f"{batch} x {width}", "solver": name, "nfe": nfe, "backward_iters": iters,
+            "forward_ms": 1e3 * t_fwd, "backward_ms": 1e3 * t_bwd,
+            "forward_overhead": t_fwd / (nfe * cost["g_eval"]),
+            "backward_overhead": t_bwd / ((iters or 0) * cost["vjp_z"] + cost["vjp_full"]),
+            **{f"{k}_us": 1e6 * val for k, val in cost.items()},
+        })
+    return rows
+
+
+def table(rows: Sequence[dict]) -> str:
+    header = ["size", "solver", "NFE", "GMRES iters", "fwd (ms)", "bwd (ms)", "fwd / (NFE x g)",
+              "bwd / (iters x VJP_z + full VJP)", "g (us)", "VJP_z (us)", "full VJP (us)"]
+    body = [[r["size"], r["solver"], r["nfe"], r["backward_iters"], f"{r['forward_ms']:.2f}", f"{r['backward_ms']:.2f}",
+             f"{r['forward_overhead']:.2f}", f"{r['backward_overhead']:.2f}", f"{r['g_eval_us']:.0f}",
+             f"{r['vjp_z_us']:.0f}", f"{r['vjp_full_us']:.0f}"] for r in rows]
+    return markdown_table(header, body, align="llrrrrrrrrr")
+
+
+def _size(text: str) -> Tuple[int, int]:
+    try:
+        batch, width = (int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BATCHxWIDTH such as 32x128, got {text!r}") from None
+    return batch, width
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="32x128,256x512", help="comma-separated BATCHxWIDTH")
+    parser.add_argument("--repeats", type=int, default=15, help="timed solves per method (medians)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--out", type=Path, default=RESULTS / "overhead", help="results stem (.md and .json)")
+    args = parser.parse_args(argv)
+    args.sizes = [_size(s) for s in args.sizes.split(",")]
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "python -m benchmarks.overhead " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    start = time.perf_counter()
+    rows = [row for size in args.sizes for row in measure(size, args.repeats)]
+    info = machine(args.threads)
+    text = (f"# Solver overhead over the network's cost\n\n`{command.strip()}`\n\n"
+            f"{info['platform']}, torch threads {args.threads}, torch {info['torch']}, torchdyn_deq "
+            f"{info.get('torchdyn_deq', '?')}; {time.perf_counter() - start:.0f} s in all.\n\n{table(rows)}\n\n"
+            "- The paper's MNIST layer at random init, tolerance 5e-3, medians over the repeats.\n"
+            "- fwd: a no-grad solve; bwd: `backward()` of the steady state (the implicit GMRES solve and the\n"
+            "  parameter / input VJP). 1.0 in the overhead columns is the network alone.\n")
+    print(text)
+    write_results(args.out, text, {"command": command.strip(), "machine": info, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
