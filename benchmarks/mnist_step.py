@@ -112,6 +112,7 @@ def method_builders(tol: float) -> Dict[str, Tuple[Callable[[nn.Module], nn.Modu
         "DEQ continuous skip_reg (tsit5)": (lambda f: build_layer(Variant("skip_reg"), f, tol), "GMRES iters"),
         PAPER_BACKWARD: (lambda f: td.DEQ(f, atol=tol, rtol=tol, atol_adjoint=tol, rtol_adjoint=tol), "GMRES iters"),
         JACOBIAN_FREE: (lambda f: td.DEQ(f, atol=tol, rtol=tol, sensitivity="jacobian_free"), "n/a (one VJP)"),
+        PHANTOM: (lambda f: td.DEQ(f, atol=tol, rtol=tol, sensitivity="phantom"), "phantom VJPs (k)"),
         "DEQ continuous vanilla (tsit5, per-sample)": (
             lambda f: td.DEQ(f, solver=td.ODESteadyStateSolver("tsit5", per_sample=True), atol=tol, rtol=tol),
             "GMRES iters"),
@@ -130,7 +131,6 @@ def method_builders(tol: float) -> Dict[str, Tuple[Callable[[nn.Module], nn.Modu
         BASELINE: (lambda f: NeuralODELayer(f, sensitivity="adjoint", tol=tol), "adjoint NFE"),
         MATCHED_ADJOINT: (lambda f: NeuralODELayer(f, sensitivity="adjoint", tol=tol, adjoint_tol=tol), "adjoint NFE"),
         "NeuralODE (autograd)": (lambda f: NeuralODELayer(f, sensitivity="autograd", tol=tol), "n/a (backprop)"),
-        PHANTOM: (lambda f: td.DEQ(f, atol=tol, rtol=tol, sensitivity="phantom"), "phantom VJPs (k)"),
         TORCHDIFFEQ: (lambda f: TorchdiffeqODELayer(f, tol=tol), "adjoint NFE"),
         "torchdeq DEQ (anderson, IFT)": (lambda f: TorchDEQLayer(f, tol), "Broyden iters"),
         TORCHDEQ_DEFAULTS: (lambda f: TorchDEQLayer(f, None), "n/a (1-step phantom)"),
@@ -322,11 +322,17 @@ NOTES = """\
   `ru_maxrss` is a process-wide high-water mark and cannot be attributed to one method when all run in one process.
 - Tolerances: atol = rtol = {tol} for the steady-state solves and the Neural ODE's tsit5 (t in [0, 1], z0 = 0,
   torchdyn's default adjoint tolerances 1e-4); torchdeq: relative tolerance {tol}, backward 1e-5. The DEQs' backward
-  GMRES: this package's default rtol = 1e-5, atol = 1e-10, except the `backward tol = tol` row: rtol = atol = {tol},
+  GMRES: this package's default rtol = 1e-5, atol = 0 (relative), except the `backward tol = tol` row: rtol = atol = {tol},
   the paper's setting (its code solves the backward GMRES at the forward tolerances). `adjoint tol = tol`: the Neural
   ODE adjoint at atol = rtol = {tol}, the matching baseline for that row.
 - `Jacobian-free backward`: `sensitivity='jacobian_free'`, w = v instead of the implicit solve (Fung et al. 2022; the
   paper authors' `jfb` mode): one VJP, an approximate gradient, so not a like-for-like timing of the same training.
+- `phantom`: `sensitivity='phantom'` (Geng et al. 2021), backpropagation through 5 damped steps from z*: 5 VJPs,
+  an approximate gradient too.
+- `torchdiffeq odeint_adjoint`: the same Neural ODE (t in [0, 1], z0 = 0, input in the state) by torchdiffeq's
+  adjoint with dopri5 at atol = rtol = {tol}, torchdiffeq's default adjoint tolerances.
+- `torchdeq ... its defaults`: `torchdeq.get_deq()` with no arguments, what a torchdeq user starts from:
+  fixed-point iteration (40 iterations, absolute tolerance 1e-3) and a 1-step phantom gradient (approximate).
 """
 
 

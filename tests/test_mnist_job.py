@@ -86,11 +86,13 @@ def test_step_benchmark_smoke(tmp_path):
     methods = ["DEQ continuous vanilla (tsit5)", "DEQ continuous skip (tsit5)", "DEQ continuous skip_reg (tsit5)",
                "DEQ continuous vanilla (tsit5, backward tol = tol)",
                "DEQ continuous vanilla (tsit5, Jacobian-free backward: approximate gradient)",
+               "DEQ continuous vanilla (tsit5, phantom k=5, tau=0.5: approximate gradient)",
                "DEQ continuous vanilla (tsit5, per-sample)", "DEQ continuous skip_reg (tsit5, per-sample)",
                "DEQ continuous skip_reg (tsit5, Neumann backward)",
                "DEQ continuous vanilla (vcab3)", "DEQ continuous skip_reg (vcab3)", "DEQ discrete vanilla (anderson)",
                "NeuralODE (adjoint)", "NeuralODE (adjoint, adjoint tol = tol)", "NeuralODE (autograd)",
-               "torchdeq DEQ (anderson, IFT)"]
+               "NeuralODE (torchdiffeq odeint_adjoint, dopri5)", "torchdeq DEQ (anderson, IFT)",
+               "torchdeq DEQ (its defaults: fixed-point iteration, 1-step phantom gradient)"]
     assert "| Method | fwd (ms) | bwd (ms) | step (ms) |" in out.stdout
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| Method")]
     assert [row.split(" | ")[0][2:] for row in rows] == methods
@@ -106,7 +108,7 @@ def test_step_benchmark_smoke(tmp_path):
     for name in methods:
         row = by_name[name]
         assert row["steps_measured"] == 3 and row["forward_f_evals"] >= 1 and row["step_s"] > 0
-    assert (tmp_path / "mnist_step.md").read_text().count("| DEQ ") == 11
+    assert (tmp_path / "mnist_step.md").read_text().count("| DEQ ") == 12
     # the paper's backward tolerance: fewer GMRES iterations than the default 1e-5 (two networks trained
     # separately from the same seed for two steps: 0.005 against 1e-5 leaves a wide margin)
     assert by_name["DEQ continuous vanilla (tsit5, backward tol = tol)"]["backward_count"] <= \
