@@ -155,3 +155,27 @@ def test_non_finite_cotangent_raises(layer):
     z = model(torch.randn(4, 2, dtype=torch.float64))[1][-1]
     with pytest.raises(td.NonFiniteError, match="cotangent"):
         (z * float("nan")).sum().backward()
+
+
+def test_direct_solver_judges_by_backward_error_and_reports_singular_matrices():
+    """An ill-conditioned float32 system (condition 1e5) is solved to rounding level: converged
+    (a forward-error test called it unconverged); an exactly singular one is a breakdown, not a
+    raised LinAlgError."""
+    gen = torch.Generator().manual_seed(0)
+    n = 60
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    A = ((q * torch.logspace(0, -5, n, dtype=torch.float64)) @ q.T).float()
+    b = torch.randn(2, n, generator=gen)
+    x, info = td.DirectSolver().solve(lambda u: u @ A.T, b)
+    assert info.converged and info.result is td.Result.converged
+    S = torch.diag(torch.tensor([1.0, 1.0, 0.0]))
+    x, info = td.DirectSolver().solve(lambda u: u @ S.T, torch.tensor([[1.0, 2.0, 0.0]]))
+    assert not info.converged and info.result is td.Result.breakdown and torch.isfinite(x).all()
+
+
+def test_gmres_singular_pivot_adds_no_null_space_component():
+    """A = diag(1, 0, 2), b = e2: A v1 = 0, a zero pivot. Every x has the residual ||b||; the
+    answer must not gain the arbitrary null-space component b itself (it did: x = b)."""
+    A = torch.diag(torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64))
+    x, info = td.GMRES(rtol=1e-12, max_iters=6).solve(lambda u: u @ A.T, torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64))
+    assert (x == 0).all() and not info.converged and info.result is td.Result.breakdown

@@ -166,9 +166,13 @@ class GMRES(LinearSolver):
             k = j + 1
             Rk = R[:, :k, :k]
             diag = torch.diagonal(Rk, dim1=1, dim2=2)
-            # a zero pivot only occurs after an exact breakdown, where the matching g entry is 0
-            Rk = Rk + torch.diag_embed((diag.abs() <= tiny).to(b.dtype))
-            y = torch.linalg.solve_triangular(Rk, (beta[:, None] * Q[:, :k, 0])[..., None], upper=True)[..., 0]
+            # a zero pivot: the operator is singular on the Krylov space (or an exact breakdown). A unit
+            # pivot with a zero right-hand side there keeps that direction out of the solution instead
+            # of adding an arbitrary null-space component to it
+            zero = diag.abs() <= tiny
+            Rk = Rk + torch.diag_embed(zero.to(b.dtype))
+            rhs = torch.where(zero, 0.0, beta[:, None] * Q[:, :k, 0])
+            y = torch.linalg.solve_triangular(Rk, rhs[..., None], upper=True)[..., 0]
             x = torch.baddbmm(x[:, None], y[:, None], basis[:, :k])[:, 0]
             if bool((estimate <= tol).all()):
                 # the Arnoldi residual estimate is exact in exact arithmetic: no extra matvec
@@ -205,7 +209,9 @@ class FixedPointSolver(LinearSolver):
 
 class DirectSolver(LinearSolver):
     """Dense solve: builds each sample's ``n x n`` matrix with ``n`` matvecs, then
-    ``torch.linalg.solve``. Exact up to round-off; for small states and for tests.
+    ``torch.linalg.solve``. Exact up to round-off (converged means a backward error of at most
+    ``n eps (||A|| ||x|| + ||b||)``); an exactly singular matrix is `Result.breakdown`. For small
+    states and for tests.
 
     Args:
         max_size: refuse states larger than this (the matrix costs ``n`` matvecs and
@@ -226,7 +232,12 @@ class DirectSolver(LinearSolver):
         eye = torch.eye(n, dtype=b.dtype, device=b.device)
         cols = [matvec(eye[i].expand(batch, n).contiguous()) for i in range(n)]
         A = torch.stack(cols, dim=2)
-        x = torch.linalg.solve(A, b)
+        x, failed = torch.linalg.solve_ex(A, b)
+        singular = failed != 0  # an exactly singular matrix: reported as a breakdown, not raised
+        x = torch.where(singular[:, None], 0.0, x)
         r = b - torch.bmm(A, x[:, :, None])[..., 0]
-        exact = torch.clamp(1e3 * torch.finfo(b.dtype).eps * bnorm, min=torch.finfo(b.dtype).tiny)
-        return x, self._info(n, r, bnorm, torch.where(torch.isinf(tol), tol, exact))
+        # converged: a backward error at rounding level, ||r|| <= n eps (||A|| ||x|| + ||b||)
+        eps = torch.finfo(b.dtype).eps
+        exact = n * eps * (torch.linalg.matrix_norm(A) * _norm(x) + bnorm)
+        tol = torch.where(torch.isinf(tol), tol, torch.where(singular, 0.0, exact))
+        return x, self._info(n, r, bnorm, tol, breakdown=bool(singular.any()))

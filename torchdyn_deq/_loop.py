@@ -91,7 +91,8 @@ class SteadyStateSolver:
             costing evaluations while the rest continue (the vector field is then called on
             the remaining rows, with the injected input restricted to them). Default
             ``False``: a field whose output for one sample depends on the others (batch norm
-            in training mode) would change. Only for solves without autograd.
+            in training mode) would change. Only for solves under ``torch.no_grad()`` (the
+            implicit sensitivities, inference).
     """
 
     continuous: bool = True
@@ -157,7 +158,7 @@ class _Tracker:
         # the best residuals of the unconverged samples (0 for converged ones) at the start of the
         # current stretch without progress
         self.reference_open = self.best_res
-        self.measured = self.unchecked = 0  # iterates measured; accepted since the last check
+        self.checked, self.unchecked = False, 0  # a check was committed; accepted iterates since the last one
         self.nfe_per_sample = torch.full((batch,), -1, dtype=torch.long, device=z0.device)
         self.rows: Optional[Tensor] = None  # the samples still stepped (None: all)
         self.stall, self.stall_since = 0, 0.0  # steps and time since the last progress
@@ -177,16 +178,18 @@ class _Tracker:
         o = self.options
         res = scaled_residual(gz, z, o.atol, o.rtol)
         best = self._sub(self.best_res)
-        worst = torch.minimum(best, res).amax()  # NaN propagates to the host check
-        self.measured += 1
-        if (self.measured - 1) % CHECK_EVERY:
+        new_best = torch.minimum(best, res)
+        worst = new_best.amax()  # NaN propagates to the host check
+        # a check every CHECK_EVERY accepted iterates (and the first): counted on accepted ones, so
+        # rejected proposals never take a check's place
+        if self.checked and self.unchecked < CHECK_EVERY - 1:
             return _Measure(z, res, (worst,))
-        # ratios to the unconverged samples' best and reference residuals; converged samples get
-        # a 0 there, so res / 0 = inf (and 0 / 0 = NaN, made inf) leaves them out of the minima
+        # progress: the best residuals (improvements between checks count) over those at the start of
+        # the stretch; rise: the residual over the best. Converged samples get a 0 in the denominators,
+        # so x / 0 = inf (0 / 0 = NaN, made inf) leaves them out of the minima
         open_best = torch.where(best > 1, best, 0.0)
-        refs = torch.stack([self._sub(self.reference_open), open_best])
-        progress_rise = (res / refs).nan_to_num_(math.inf).amin(1)
-        return _Measure(z, res, (worst, _wide(z).abs().amax(), progress_rise))
+        ratios = torch.stack([new_best / self._sub(self.reference_open), res / open_best])
+        return _Measure(z, res, (worst, _wide(z).abs().amax(), ratios.nan_to_num_(math.inf).amin(1)))
 
     def commit(self, m: _Measure, host: Sequence[float], nfe: int, t: float, accepted: int) -> Optional[Result]:
         """Record an accepted iterate; return the result if the solve ends with it."""
@@ -213,6 +216,7 @@ class _Tracker:
             return Result.converged
         if len(host) == 1:
             return None
+        self.checked = True
         size, progress, rise = host[1:]
         self.growth = size / (self.solver.divergence_factor * self.unit)
         if self.growth > 1 or rise > self.solver.divergence_factor:
@@ -235,12 +239,12 @@ class _Tracker:
         return self.stall > 0 and self.growth * factor > factor ** 0.5
 
     def _keep(self, step: int, t: float, z: Tensor) -> None:
-        """Keep the iterate of this accepted step if it is asked for (``z`` of the stepped rows:
-        with per-sample termination the full batch's best iterates)."""
+        """Keep the iterate of this accepted step if it is asked for (with per-sample termination,
+        the stepped rows' current iterates and the finished rows' best ones)."""
         options = self.options
         if step not in options.save_steps and not (options.save_evenly and step % self.stride == 0):
             return
-        full = (self.best_z if self.rows is not None else z).detach()
+        full = (z if self.rows is None else self.best_z.index_copy(0, self.rows, z)).detach()
         if step in options.save_steps:
             self.states.append(SavedState(step, t, full))
         if options.save_evenly and step % self.stride == 0:
@@ -314,7 +318,7 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
     k = _host_size(first)
     track.unit = 1.0 + host[k] + host[k + 1]
     result = track.commit(first, host[:k], count.n, 0.0, 0)
-    per_sample = solver.per_sample and count.restrict is not None and not (torch.is_grad_enabled() and z0.requires_grad)
+    per_sample = solver.per_sample and count.restrict is not None and not torch.is_grad_enabled()
     accepted = rejected = bad = 0
     pending: Optional[_Measure] = None  # an accepted iterate whose stop test is read in the next sync
     while result is None:

@@ -161,11 +161,11 @@ class ODESteadyStateSolver(_TimeStepper):
         return self._tableau is not None
 
     def _fixed_stepper(self, z: Tensor) -> nn.Module:
-        if not isinstance(self.stepper, str):
-            return self.stepper
+        """The fixed-step torchdyn stepper for ``z``'s dtype and device: built from the name once per
+        dtype, or the user's instance, with its tableau moved there (torchdyn's ``sync_device_dtype``)."""
         key = (z.dtype, z.device)
         if key not in self._fixed_of:
-            stepper = str_to_solver(self.stepper, z.dtype)
+            stepper = str_to_solver(self.stepper, z.dtype) if isinstance(self.stepper, str) else self.stepper
             stepper.sync_device_dtype(z, torch.zeros(1, dtype=z.dtype, device=z.device))
             self._fixed_of[key] = stepper
         return self._fixed_of[key]

@@ -64,21 +64,22 @@ class AndersonAcceleration(RootSolver):
     def propose(self, g, state, options):
         X, F = state.memory
         Xs, Fs = torch.stack(X, dim=1), torch.stack(F, dim=1)
-        G = Fs - Xs
-        batch, used = G.shape[0], G.shape[1]
-        dtype, device = G.dtype, G.device
+        batch, used = Xs.shape[0], Xs.shape[1]
+        dtype, device = Xs.dtype, Xs.device
+        # in float32 at least: the Gram matrix of half-precision residuals overflows, and the LU
+        # below has no half-precision kernel on the CPU (it is tiny)
+        work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        G = (Fs - Xs).to(work)
         gram = torch.bmm(G, G.transpose(1, 2))
-        scale = torch.diagonal(gram, dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(dtype).tiny)
-        gram = gram / scale[:, None, None] + self.regularization * torch.eye(used, dtype=dtype, device=device)
+        scale = torch.diagonal(gram, dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(work).tiny)
+        gram = gram / scale[:, None, None] + self.regularization * torch.eye(used, dtype=work, device=device)
         # minimise alpha^T gram alpha subject to sum(alpha) = 1: the bordered (KKT) system
-        ones = torch.ones(batch, used, 1, dtype=dtype, device=device)
+        ones = torch.ones(batch, used, 1, dtype=work, device=device)
         top = torch.cat([torch.zeros_like(ones[:, :1]), ones.transpose(1, 2)], dim=2)
         kkt = torch.cat([top, torch.cat([ones, gram], dim=2)], dim=1)
-        rhs = torch.zeros(batch, used + 1, 1, dtype=dtype, device=device)
+        rhs = torch.zeros(batch, used + 1, 1, dtype=work, device=device)
         rhs[:, 0] = 1
-        # in float32 at least: no half-precision LU on the CPU, and it is tiny
-        work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        alpha = torch.linalg.solve(kkt.to(work), rhs.to(work))[:, 1:, 0].to(dtype)
+        alpha = torch.linalg.solve(kkt, rhs)[:, 1:, 0].to(dtype)
         z = self.mixing * torch.bmm(alpha[:, None], Fs)[:, 0]
         if self.mixing < 1:
             z = z + (1 - self.mixing) * torch.bmm(alpha[:, None], Xs)[:, 0]
@@ -133,14 +134,17 @@ class BroydenSolver(RootSolver):
         U, Vt, step = state.memory
         dg = _flat(proposal.gz) - _flat(state.gz)
         # the "good" update B += (s - B y) s^T B / (s^T B y); where s^T B y vanishes (a rotation:
-        # s^T R s = 0) the "bad" one B += (s - B y) y^T / (y^T y), defined whenever y != 0
+        # s^T R s = 0) the "bad" one B += (s - B y) y^T / (y^T y), defined whenever y != 0. The dot
+        # products and norms in float32 at least: in half precision they overflow
+        work = torch.float32 if dg.dtype in (torch.float16, torch.bfloat16) else dg.dtype
         vt_good = self._apply_t(U, Vt, step)
-        denom_good = (vt_good * dg).sum(dim=1, keepdim=True)
-        good = denom_good.abs() > 1e-3 * vt_good.norm(dim=1, keepdim=True) * dg.norm(dim=1, keepdim=True)
+        vw, dw = vt_good.to(work), dg.to(work)
+        denom_good = (vw * dw).sum(dim=1, keepdim=True)
+        good = denom_good.abs() > 1e-3 * vw.norm(dim=1, keepdim=True) * dw.norm(dim=1, keepdim=True)
         vt = torch.where(good, vt_good, dg)
-        denom = torch.where(good, denom_good, (dg * dg).sum(dim=1, keepdim=True))
-        ok = denom.abs() > 1e3 * torch.finfo(dg.dtype).tiny
-        u = torch.where(ok, (step - self._apply(U, Vt, dg)) / torch.where(ok, denom, 1.0), 0.0)
+        denom = torch.where(good, denom_good, (dw * dw).sum(dim=1, keepdim=True))
+        ok = denom.abs() > 1e3 * torch.finfo(work).tiny
+        u = torch.where(ok, (step - self._apply(U, Vt, dg)).to(work) / torch.where(ok, denom, 1.0), 0.0).to(dg.dtype)
         if U.shape[1] == self.memory:  # restart: dropping only the oldest pair can diverge
             U, Vt = U[:, :0], Vt[:, :0]
         U, Vt = torch.cat([U, u[:, None]], dim=1), torch.cat([Vt, vt[:, None]], dim=1)
