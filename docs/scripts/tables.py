@@ -212,9 +212,34 @@ def mnist_table1() -> str:
             f"({REPO_URL}/benchmarks/results/mnist_table1/results.md).\n")
 
 
+def backward_tolerance() -> str:
+    """Gradient error against backward time per GMRES tolerance (the default's evidence)."""
+    data = load("backward_tolerance")
+    table = markdown_table(
+        ("GMRES rtol", "GMRES error", "total error", "GMRES iterations", "backward (ms)"),
+        [(f"{r['rtol']:g}", f"{r['gradient_error']:.1e}", f"{r['total_error']:.1e}", f"{r['gmres_iters']:g}",
+          f"{r['backward_ms']:.2f}") for r in data["rows"]], align="rrrrr")
+    return (f"{table}\n\n`{command(data['command'])}`: the vanilla continuous MNIST DEQ after {data['steps']} training "
+            f"steps, forward tolerance {data['tol']:g}, medians over {data['batches']} held-out batches; GMRES error "
+            "against GMRES at 1e-10, total error against a forward solve at 1e-7 as well.\n")
+
+
+def overhead() -> str:
+    """The solvers' own cost over the network's, per size and solver."""
+    data = load("overhead")
+    table = markdown_table(
+        ("size", "solver", "NFE", "forward / (NFE x g)", "backward / (iters x VJP + full VJP)"),
+        [(r["size"], r["solver"], r["nfe"], f"{r['forward_overhead']:.2f}", f"{r['backward_overhead']:.2f}")
+         for r in data["rows"]], align="llrrr")
+    return (f"{table}\n\n`{command(data['command'])}`, {data['machine']['torch_threads']} torch thread(s): 1.0 is "
+            "the network alone. All columns: "
+            f"[`benchmarks/results/overhead.md`]({REPO_URL}/benchmarks/results/overhead.md).\n")
+
+
 GENERATORS: Dict[str, Callable[[], str]] = {
     f.__name__: f for f in (mnist_step_summary, mnist_step_times, mnist_step_work, mnist_step_findings,
-                            discrete_mnist, skip_mnist, inference_mode, cifar_small_cpu, mnist_table1)}
+                            discrete_mnist, skip_mnist, inference_mode, cifar_small_cpu, mnist_table1,
+                            backward_tolerance, overhead)}
 
 
 def pages() -> List[Path]:

@@ -1,0 +1,20 @@
+"""The overhead and backward-tolerance benchmarks run end to end on tiny sizes and write both files."""
+import json
+
+from benchmarks import backward_tolerance, overhead
+
+
+def test_overhead_writes_a_row_per_solver(tmp_path):
+    overhead.main(["--sizes", "4x8", "--repeats", "1", "--out", str(tmp_path / "overhead")])
+    data = json.loads((tmp_path / "overhead.json").read_text())
+    assert [r["solver"] for r in data["rows"]] == list(overhead.SOLVERS)
+    assert all(r["forward_overhead"] > 0 and r["nfe"] > 0 for r in data["rows"])
+    assert "fwd / (NFE x g)" in (tmp_path / "overhead.md").read_text()
+
+
+def test_backward_tolerance_errors_shrink_with_the_tolerance(tmp_path):
+    backward_tolerance.main(["--steps", "2", "--batches", "1", "--out", str(tmp_path / "bt")])
+    rows = json.loads((tmp_path / "bt.json").read_text())["rows"]
+    errors = [r["gradient_error"] for r in rows]
+    assert [r["rtol"] for r in rows] == list(backward_tolerance.TOLERANCES)
+    assert errors[-1] < errors[0] and all(r["total_error"] >= 0 for r in rows)
