@@ -73,13 +73,10 @@ class AndersonAcceleration(RootSolver):
         gram = torch.bmm(G, G.transpose(1, 2))
         scale = torch.diagonal(gram, dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(work).tiny)
         gram = gram / scale[:, None, None] + self.regularization * torch.eye(used, dtype=work, device=device)
-        # minimise alpha^T gram alpha subject to sum(alpha) = 1: the bordered (KKT) system
-        ones = torch.ones(batch, used, 1, dtype=work, device=device)
-        top = torch.cat([torch.zeros_like(ones[:, :1]), ones.transpose(1, 2)], dim=2)
-        kkt = torch.cat([top, torch.cat([ones, gram], dim=2)], dim=1)
-        rhs = torch.zeros(batch, used + 1, 1, dtype=work, device=device)
-        rhs[:, 0] = 1
-        alpha = torch.linalg.solve(kkt, rhs)[:, 1:, 0].to(dtype)
+        # minimise alpha^T gram alpha subject to sum(alpha) = 1: alpha = gram^-1 1 / (1^T gram^-1 1)
+        # (the regularised gram is positive definite; the same as the bordered KKT system, smaller)
+        w = torch.linalg.solve(gram, torch.ones(batch, used, 1, dtype=work, device=device))[..., 0]
+        alpha = (w / w.sum(dim=1, keepdim=True)).to(dtype)
         z = self.mixing * torch.bmm(alpha[:, None], Fs)[:, 0]
         if self.mixing < 1:
             z = z + (1 - self.mixing) * torch.bmm(alpha[:, None], Xs)[:, 0]
