@@ -280,3 +280,13 @@ def test_comparison_quotes_the_paper_and_puts_our_ratios_beside_it():
 
     without = mnist.paper_comparison(_fake_results(with_node=False))
     assert "No Neural ODE in this run (`--no-baseline`)." in without and "| Vanilla DEQ | yes | no | 3.00x" not in without
+
+
+def test_results_written_after_the_first_of_two_seeds_name_only_the_finished_seed(tmp_path):
+    args = mnist.parse_args(["--seeds", "0,1", "--out-dir", str(tmp_path)])
+    rows = [_fake_row("neural_ode", train_time_s=300.0), _fake_row("vanilla")]
+    mnist.write_results(rows, args, "python -m torchdyn_deq.experiments.mnist --seeds 0,1")
+    assert "seed(s) 0; the paper" in (tmp_path / "results.md").read_text()
+    assert "seeds 0 (one seed, no std)" in (tmp_path / "comparison.md").read_text()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["seeds"] == [0, 1] and results["summary"][1]["train_time_s_std"] is None
