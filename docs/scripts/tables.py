@@ -236,10 +236,26 @@ def overhead() -> str:
             f"[`benchmarks/results/overhead.md`]({REPO_URL}/benchmarks/results/overhead.md).\n")
 
 
+def mnist_table1_paper() -> str:
+    """The paper's schedule (``--preset paper``): our table (mean ± std over the seeds) and the side
+    by side with the paper's Table 1, by the job's own writers from the run's results.json."""
+    from torchdyn_deq.experiments import mnist
+
+    data = json.loads((RESULTS / "mnist_table1_paper" / "results.json").read_text())
+    link = f"{REPO_URL}/benchmarks/results/mnist_table1_paper"
+    return (f"`{data['command']}`\n\n{mnist.results_table(data['summary'])}\n\n{mnist.setup_text(data)}\n\n"
+            f"Beside the paper's Table 1 (speed-up over Vanilla = the Vanilla continuous DEQ's time with the same "
+            f"Jacobian setting / the row's time; ratios of means):\n\n{mnist.side_by_side_table(data)}\n\n"
+            f"Against our Neural ODE (its time / the row's time; the paper's Table 1 has no Neural ODE row, its "
+            f"abstract claims 2-4x in training):\n\n{mnist.neural_ode_table(data)}\n\n"
+            f"{mnist.CAVEAT} The paper's table quoted and the Jacobian-cost ratios: [`comparison.md`]"
+            f"({link}/comparison.md); every seed's row: [`results.json`]({link}/results.json).\n")
+
+
 GENERATORS: Dict[str, Callable[[], str]] = {
     f.__name__: f for f in (mnist_step_summary, mnist_step_times, mnist_step_work, mnist_step_findings,
                             discrete_mnist, skip_mnist, inference_mode, cifar_small_cpu, mnist_table1,
-                            backward_tolerance, overhead)}
+                            backward_tolerance, overhead, mnist_table1_paper)}
 
 
 def pages() -> List[Path]:

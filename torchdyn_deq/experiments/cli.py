@@ -31,3 +31,15 @@ def positive(kind: type) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
         return value
     return parse
+
+
+def seed_list(text: str) -> List[int]:
+    """A comma-separated, non-empty list of distinct non-negative integers (seeds), order kept;
+    a repeated seed is refused: it would count one run twice in a mean and a standard deviation."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items or not all(item.isdigit() for item in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers such as 0,1,2; got {text!r}")
+    seeds = [int(item) for item in items]
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds (each run once); got {text!r}")
+    return seeds
