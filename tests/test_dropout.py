@@ -223,3 +223,17 @@ def test_per_sample_solver_restricts_the_masks():
     z_rows, mask_rows = solve(True)
     assert torch.equal(mask_all, mask_rows) and tuple(mask_rows.shape) == (6, 4)
     torch.testing.assert_close(z_rows, z_all, rtol=1e-7, atol=1e-8)
+
+
+def test_a_skip_predictors_dropout_is_reset_every_solve():
+    """Variational dropout inside a Skip predictor gets a new mask per solve and any batch size
+    (review finding: only the vector field's masks were reset)."""
+    lin, inj = nn.Linear(8, 8), nn.Linear(3, 8)
+    predictor = nn.Sequential(nn.Linear(3, 8), td.VariationalDropout(0.5))
+    model = td.DEQ(lambda z, x: torch.tanh(lin(z) + inj(x)), state_shape=(8,),
+                   initializer=td.SkipInitializer(predictor))
+    model(torch.randn(4, 3))
+    first = predictor[1].mask.clone()
+    model(torch.randn(4, 3))
+    assert not torch.equal(first, predictor[1].mask)
+    model(torch.randn(5, 3))  # a new batch size: no stale-mask error

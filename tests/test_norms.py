@@ -160,7 +160,7 @@ def test_state_dict_and_deepcopy(norm):
     with torch.no_grad():
         for other in (fresh, twin):
             torch.testing.assert_close(other(x)[1][-1], want, rtol=0, atol=0)
-    assert td.remove_norm(twin.f) == ["weight", "weight"]  # the copy is independent
+    assert td.remove_norm(twin.f) == ["lin.weight", "inj.weight"]  # the copy is independent; names as apply_norm's
     assert torch.nn.utils.parametrize.is_parametrized(model.f.lin)
     with pytest.raises(RuntimeError, match="only supported through state_dict"):  # torch's rule, documented
         torch.save(model, io.BytesIO())
@@ -177,13 +177,24 @@ def test_remove_norm_keeps_the_function(norm):
         want = model(x)[1][-1]
     other = nn.utils.parametrize.register_parametrization(layer.inj, "bias", nn.Identity())
     assert other is layer.inj
-    assert sorted(td.remove_norm(layer)) == ["weight", "weight"]
+    assert sorted(td.remove_norm(layer)) == ["inj.weight", "lin.weight"]
     assert not torch.nn.utils.parametrize.is_parametrized(layer.lin)
     assert torch.nn.utils.parametrize.is_parametrized(layer.inj, "bias")  # not ours: left alone
     assert isinstance(layer.lin.weight, nn.Parameter)
     with torch.no_grad():
         torch.testing.assert_close(model(x)[1][-1], want, rtol=1e-12, atol=1e-14)
     assert td.remove_norm(layer) == []
+
+
+def test_remove_norm_refuses_a_weight_with_another_parametrization_stacked():
+    """torch removes a tensor's parametrizations only all together: removing the norm would also
+    remove the user's own (review finding); refused with the way out."""
+    layer = NormLayer()
+    td.apply_norm(layer, "weight_norm")
+    nn.utils.parametrize.register_parametrization(layer.lin, "weight", nn.Identity())
+    with pytest.raises(ValueError, match="lin.weight carries 2 parametrizations"):
+        td.remove_norm(layer)
+    assert len(layer.lin.parametrizations["weight"]) == 2
 
 
 def test_reset_norm_restarts_the_power_iteration():

@@ -378,3 +378,92 @@ def test_register_a_third_party_solver(clean_registry):
         td.register_solver("heun", td.VCAB3Stepper)
     with pytest.raises(TypeError, match="stepper class"):
         td.register_solver("bad", object)
+
+
+def test_torchdyn_default_atol_adjoint_does_not_zero_small_gradients():
+    """torchdyn's NeuralODE defaults atol_adjoint to 1e-4, an absolute floor: as the GMRES
+    tolerance it returned exactly zero gradients for a nearly fitted loss (review finding)."""
+    from torchdyn.core import NeuralODE
+    from torchdyn.nn import DataControl
+    class Field(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(DataControl(), nn.Linear(4, 2), nn.Tanh())
+
+        def forward(self, t, z, args=None):
+            return self.net(z) - z
+
+    torch.manual_seed(0)
+    field = Field()
+    model = NeuralODE(field, sensitivity="steady_state", atol=1e-6, rtol=1e-6)
+    x = torch.randn(1024, 2)
+    z = model(x, torch.tensor([0.0, float("inf")]))[1][-1]
+    ((z - (z.detach() + 1e-2)) ** 2).mean().backward()  # a nearly fitted regression: tiny cotangents
+    grad = field.net[1].weight.grad
+    assert float(grad.norm()) > 0 and model.solution.backward_iters > 0
+
+
+def test_the_engine_cache_does_not_keep_a_model_alive():
+    """The engine a torchdyn problem uses is kept on the problem, not in a global table whose
+    values referenced the field and through it the model (review finding: a leak)."""
+    import gc
+    import weakref
+    from torchdyn.core import NeuralODE
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.ode = NeuralODE(self.field, sensitivity="steady_state")
+
+        def field(self, t, z, args=None):
+            return torch.tanh(self.lin(z)) - z
+
+    model = Model()
+    model.ode(torch.randn(2, 3), torch.tensor([0.0, float("inf")]))[1][-1].sum().backward()
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_reused_vcab3_stepper_starts_each_solve_afresh():
+    """Same input tensor, same t0, a changed field between two solves: the second solve is not a
+    retry of the first's last step (review finding: it kept the old k1 and returned 1.0001)."""
+    from torchdyn.numerics import odeint
+    a = torch.tensor(1.0)
+    field = lambda t, x: a * torch.ones_like(x)  # noqa: E731
+    x, span, stepper = torch.ones(2, 2), torch.tensor([0.0, 1e-4]), td.VCAB3Stepper()
+    odeint(field, x, span, solver=stepper, atol=1e-3, rtol=1e-3)
+    a.fill_(100.0)
+    _, reused = odeint(field, x, span, solver=stepper, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(reused[-1], torch.full((2, 2), 1.01), rtol=1e-6, atol=1e-6)
+
+
+def test_odeint_of_our_models_is_their_own_solve():
+    """torchdyn's ODEProblem.odeint on a DEQ / InfiniteTimeNeuralODE uses the model's own
+    initializer and state shape (it built a default engine: a shape error, or z0 = x)."""
+    lin, inj = nn.Linear(6, 6), nn.Linear(3, 6)
+    deq = td.DEQ(lambda z, x: torch.tanh(lin(z) + inj(x)), state_shape=(6,))
+    x = torch.randn(4, 3)
+    t_eval, sol = deq.odeint(x, torch.tensor([0.0, float("inf")]))
+    torch.testing.assert_close(sol[-1], deq(x)[1][-1])
+    node = td.InfiniteTimeNeuralODE(lambda z: torch.tanh(z) - z, initializer="zeros")
+    assert (node.odeint(torch.randn(4, 3))[1][0] == 0).all()
+
+
+def test_unsupported_torchdyn_steppers_are_refused_as_instances_too():
+    from torchdyn.core import NeuralODE
+    with pytest.raises(ValueError, match="cannot solve to a steady state"):
+        NeuralODE(nn.Linear(2, 2), solver="alf", sensitivity="steady_state")(torch.randn(3, 2),
+                                                                              torch.tensor([0.0, float("inf")]))
+
+
+def test_functional_odeint_to_infinity_stops_instead_of_hanging():
+    """torchdyn's own functional odeint with t_span ending at inf looped forever (review finding)."""
+    import torchdyn.numerics
+    x = torch.randn(3, 2)
+    t_eval, sol = torchdyn.numerics.odeint(lambda t, z: -(z - 1.0), x, torch.tensor([0.0, float("inf")]), "tsit5")
+    torch.testing.assert_close(sol[-1], torch.ones(3, 2), atol=5e-3, rtol=0)
+    t_eval, sol = torchdyn.numerics.odeint(lambda t, z: -z, x, torch.tensor([0.0, 1.0]), "tsit5")  # finite: torchdyn's
+    torch.testing.assert_close(sol[-1], x * torch.exp(torch.tensor(-1.0)), atol=1e-2, rtol=1e-2)

@@ -86,3 +86,17 @@ def test_bad_options(kwargs, error, match):
         td.correction_loss([torch.tensor(1.0)], weighting="exp")
     with pytest.raises(TypeError, match="TrajectorySupervision"):
         td.DEQ(lambda z, x: z, trajectory=3)
+
+
+def test_the_number_of_states_does_not_depend_on_how_far_the_solve_got():
+    """indexing past the end of the solve, or a solve shorter than n_states: the last kept
+    iterate repeats, so sol has n_states + 1 entries and t_eval matches (review finding)."""
+    layer = TanhLayer(d=5, m=3, scale=0.3)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for supervision in (td.TrajectorySupervision(n_states=3, indexing=(1, 10_000)),
+                        td.TrajectorySupervision(n_states=40)):
+        model = td.DEQ(layer, solver="anderson", state_shape=(5,), trajectory=supervision)
+        t_eval, sol = model(x)
+        assert sol.shape[0] == supervision.n_states + 1 == t_eval.shape[0]
+    with pytest.raises(ValueError, match="strictly increasing"):
+        td.TrajectorySupervision(n_states=3, indexing=(5, 2))

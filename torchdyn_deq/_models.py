@@ -20,7 +20,7 @@ from ._norms import computed_once
 from ._regularizers import JacobianPenalty
 from ._registry import make_initializer, make_sensitivity, make_solver
 from ._sensitivity import Sensitivity
-from ._solution import SolveOptions, SteadyStateSolution, check_failure_mode, report_failure
+from ._solution import SavedState, SolveOptions, SteadyStateSolution, check_failure_mode, report_failure
 from ._trajectory import TrajectorySupervision
 
 
@@ -182,10 +182,21 @@ class InfiniteTimeNeuralODE(NeuralODE):
             raise ValueError("save_at is not supported: the solve runs to a steady state, not to fixed times")
         x, t_span = self._prep_integration(x, t_span)
         states = self._solve(x, {} if args is None else args)
-        times = [0.0] + [s.t for s in self.solution.states] + [self.solution.t]
+        between = len(states) - 2  # intermediate states (trajectory supervision), padded as unroll pads them
+        kept = ([s.t for s in self.solution.states] or [0.0])[:between] if between else []
+        times = [0.0] + kept + kept[-1:] * (between - len(kept)) + [self.solution.t]
         t_eval = t_span[0] + torch.tensor(times, dtype=t_span.dtype, device=t_span.device)
         trajectory = torch.stack([states[0].to(states[-1].dtype), *states[1:]])
         return (t_eval, trajectory) if self.return_t_eval else trajectory
+
+    def odeint(self, x: Tensor, t_span: Optional[Tensor] = None, save_at: Sequence = (), args: Optional[dict] = None):
+        """torchdyn's ``ODEProblem.odeint``: the same solve as ``forward``, always returning
+        ``(t_eval, sol)`` (this model's initializer, state shape, tolerances and sensitivity)."""
+        return_t_eval, self.return_t_eval = self.return_t_eval, True
+        try:
+            return self.forward(x, t_span, save_at, args)
+        finally:
+            self.return_t_eval = return_t_eval
 
     def trajectory(self, x: Tensor, t_span: Optional[Tensor] = None) -> Tensor:
         """The states at ``t_eval``: ``[z0, z*]`` (with `TrajectorySupervision`, the
@@ -244,7 +255,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
         return g
 
     def _solve(self, x: Tensor, args: dict) -> List[Tensor]:
-        reset_dropout(self.vf)  # a new mask per solve, the same at every evaluation of it
+        reset_dropout(self)  # a new mask per solve (field and initializer), the same at every evaluation of it
         g = self._vector_field(args)
         try:
             with computed_once(self.vf):  # weight / spectral norms once per solve, not per evaluation
@@ -291,9 +302,12 @@ class InfiniteTimeNeuralODE(NeuralODE):
                 if self.jacobian_penalty is not None and self.training:
                     sol.jacobian_loss = self.jacobian_penalty(gz, z_leaf)
         intermediate = []
-        if self.trajectory_supervision is not None and sol.states:
+        supervision = self.trajectory_supervision
+        if supervision is not None and supervision.n_states > 1:
+            # the start stands in when a solve kept nothing (converged at its first iterate)
+            kept = sol.states or [SavedState(0, 0.0, sol.z0.detach())]
             with torch.enable_grad() if needs_grad else torch.no_grad():
-                intermediate = self.trajectory_supervision.unroll(g, sol.states, x)
+                intermediate = supervision.unroll(g, kept, x)
         for module in self._controlled():  # keep the data, not the graph: copies and pickles work
             module._control = module._control.detach()
         return [z0, *intermediate, z_star]

@@ -103,12 +103,22 @@ def _normed(module: nn.Module) -> Iterator:
 
 def remove_norm(module: nn.Module) -> List[str]:
     """Undo `apply_norm`: each normalised weight becomes a plain parameter holding its
-    current normalised value (the model computes the same function). Other
-    parametrizations are left alone. Returns the names of the tensors restored."""
+    current normalised value (the model computes the same function). A weight that carries
+    another parametrization stacked with the norm is refused (``ValueError``): torch removes a
+    tensor's parametrizations only all together. Returns the qualified names of the tensors
+    restored, as `apply_norm` returned them."""
+    qualified = {id(m): n for n, m in module.named_modules()}
+    normed = list(_normed(module))
+    for layer, name, _ in normed:
+        if len(layer.parametrizations[name]) > 1:
+            raise ValueError(f"{qualified[id(layer)] + '.' if qualified[id(layer)] else ''}{name} carries "
+                             f"{len(layer.parametrizations[name])} parametrizations: remove_norm would remove them all; "
+                             "remove the others first (torch.nn.utils.parametrize.remove_parametrizations)")
     done = []
-    for layer, name, _ in list(_normed(module)):
+    for layer, name, _ in normed:
         parametrize.remove_parametrizations(layer, name, leave_parametrized=True)
-        done.append(name)
+        prefix = qualified[id(layer)]
+        done.append(f"{prefix}.{name}" if prefix else name)
     for layer in module.modules():
         layer.__dict__.pop(_KINDS, None)
     return done

@@ -14,7 +14,7 @@ from ._sensitivity import Sensitivity
 from ._solution import SteadyStateSolution
 from ._torchdyn import _solve_steady_state, steady_state_solver
 
-METHODS = ODE_SOLVERS + ("vcab3",) * ("vcab3" not in ODE_SOLVERS) + tuple(ROOT_SOLVERS)
+METHODS = ODE_SOLVERS + tuple(ROOT_SOLVERS)
 # torchdiffeq's methods that have no steady-state counterpart here (named in the error)
 _TORCHDIFFEQ_ONLY = ("dopri8", "bosh3", "fehlberg2", "adaptive_heun", "heun2", "heun3", "explicit_adams",
                      "implicit_adams", "fixed_adams", "scipy_solver")

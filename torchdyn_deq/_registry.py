@@ -40,11 +40,16 @@ def make_solver(solver: Union[str, nn.Module, SteadyStateSolver], **ode_options)
             f"discrete (root) solvers: {_names(ROOT_SOLVERS)}; or pass a torchdyn stepper or SteadyStateSolver instance"
         )
     if isinstance(solver, nn.Module) and hasattr(solver, "step"):
+        unsupported = {SOLVER_DICT[n] for n in _UNSUPPORTED_TORCHDYN if n in SOLVER_DICT}
+        if type(solver) in unsupported:  # torchdyn turns a name into an instance before we see it
+            raise ValueError(f"torchdyn's {type(solver).__name__} cannot solve to a steady state here "
+                             f"({_UNSUPPORTED_REASON}); continuous (ODE) solvers: {_names(ODE_SOLVERS)}; "
+                             f"discrete (root) solvers: {_names(ROOT_SOLVERS)}")
         return ODESteadyStateSolver(solver, **ode_options)
     raise TypeError(f"solver must be a name, a torchdyn stepper or a SteadyStateSolver, got {solver!r}")
 
 
-# implicit Euler minimises with LBFGS at every step; the leapfrog splits the state in two
+_UNSUPPORTED_REASON = "implicit Euler minimises with LBFGS at every step; the leapfrog splits the state in two"
 _UNSUPPORTED_TORCHDYN = ("ieuler", "implicit_euler", "alf", "AsynchronousLeapfrog")
 
 

@@ -8,7 +8,8 @@
 
 torchdyn with the registry of ``upstream/torchdyn`` (``torchdyn.numerics.registry``) calls it
 itself; we only register. Today's torchdyn does not: a shim wraps the four methods where
-torchdyn would call it (`_install_call_sites`), using the same registry module.
+torchdyn would call it and its functional ``odeint`` (`_install_call_sites`), using the same
+registry module. ``str_to_solver``'s bare ``KeyError`` for unknown names is left to upstream.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import functools
 import importlib
 import importlib.util
 import inspect
-import weakref
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -133,6 +133,33 @@ def _install_call_sites() -> None:
                                (ODEProblem, "odeint", odeint_), (NeuralODE, "trajectory", trajectory_)):
         setattr(wrapper, _HOOK, True)
         setattr(cls, name, wrapper)
+    _wrap_functional_odeint()
+
+
+def _wrap_functional_odeint() -> None:
+    """torchdyn's functional ``odeint(f, x, t_span, solver, ...)`` with a ``t_span`` ending at
+    ``inf`` loops forever; under the shim it stops at the steady state (``max_steps`` bounded),
+    as the registry's call site does upstream. Finite spans run torchdyn's code unchanged. Code
+    that imported ``odeint`` by name before ``import torchdyn_deq`` keeps torchdyn's own."""
+    import torchdyn.numerics
+    module = importlib.import_module("torchdyn.numerics.odeint")  # the module: the package attribute is the function
+
+    functional = module.odeint
+    reg = _torchdyn_registry
+
+    @functools.wraps(functional)
+    def odeint(f, x, t_span, solver, atol=1e-3, rtol=1e-3, *rest, **kwargs):
+        if not reg.is_steady_state_span(t_span):
+            return functional(f, x, t_span, solver, atol, rtol, *rest, **kwargs)
+        bound = inspect.signature(functional).bind(f, x, t_span, solver, atol, rtol, *rest, **kwargs)
+        extra = sorted(k for k in bound.arguments if k not in ("f", "x", "t_span", "solver", "atol", "rtol", "args"))
+        if extra:
+            raise ValueError(f"{extra} belong to finite-time integration; t_span ending at inf solves to the steady "
+                             "state and uses none of them")
+        return reg.odeint_steady_state(f, x, t_span, solver, atol, rtol, args=bound.arguments.get("args", {}))
+
+    setattr(odeint, _HOOK, True)
+    module.odeint = torchdyn.numerics.odeint = odeint
 
 
 # ---------------------------------------------------------------------------- our sensitivities
@@ -156,18 +183,32 @@ def steady_state_factory(problem) -> Callable:
                              "a finite end time")
         if len(save_at):
             raise ValueError("save_at has no meaning for t_span = [t0, inf]: the solve ends at the steady state")
+        # torchdyn's default atol_adjoint (1e-4 in NeuralODE, 1e-6 in ODEProblem) is an absolute floor:
+        # as the GMRES tolerance it returned zero gradients for every sample with a smaller cotangent.
+        # The backward is relative (rtol_adjoint); an atol_adjoint the user set is kept as the floor
+        atol_adjoint = 0.0 if problem.atol_adjoint in _torchdyn_atol_adjoint_defaults() else problem.atol_adjoint
         t_eval, sol, record = _solve_steady_state(
             problem.vf, x, t_span[0], solver=problem.solver, atol=problem.atol, rtol=problem.rtol,
             max_steps=getattr(problem, "max_steps", _torchdyn_registry.DEFAULT_MAX_STEPS), sensitivity=problem.sensalg,
-            atol_adjoint=problem.atol_adjoint, rtol_adjoint=problem.rtol_adjoint, args=args, owner=problem)
+            atol_adjoint=atol_adjoint, rtol_adjoint=problem.rtol_adjoint, args=args, owner=problem)
         problem.solution = record
         return t_eval, sol
     return solve
 
 
+@functools.lru_cache(maxsize=None)
+def _torchdyn_atol_adjoint_defaults() -> frozenset:
+    """The ``atol_adjoint`` defaults of torchdyn's ``NeuralODE`` and ``ODEProblem`` (read from their
+    signatures, where they declare one)."""
+    from torchdyn.core.neuralde import NeuralODE
+    from torchdyn.core.problems import ODEProblem
+    params = (inspect.signature(cls.__init__).parameters.get("atol_adjoint") for cls in (NeuralODE, ODEProblem))
+    return frozenset(p.default for p in params if p is not None and p.default is not inspect.Parameter.empty)
+
+_ENGINE = "_torchdyn_deq_engine"  # the problem's cached (configuration, engine), in its __dict__
+
+
 # ---------------------------------------------------------------------------- the engine call
-# owner (ODEProblem) -> (configuration, engine); weak, so a deleted problem frees its engine
-_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _solver_name(solver):
@@ -215,14 +256,16 @@ def _solve_steady_state(vector_field, x: Tensor, t0: Tensor, *, solver, atol: fl
     """
     solver = _solver_name(solver)
     config = (vector_field, solver, atol, rtol, max_steps, sensitivity, atol_adjoint, rtol_adjoint)
-    cached = _ENGINES.get(owner) if owner is not None else None
-    if cached is not None and len(cached[0]) == len(config) and all(a is b or a == b for a, b in zip(cached[0], config)):
+    # kept on the owner itself (not a global table): it lives and dies with the model, whatever
+    # references the vector field holds back to it; __dict__, so it is not a registered submodule
+    cached = owner.__dict__.get(_ENGINE) if owner is not None else None
+    if cached is not None and all(a is b or a == b for a, b in zip(cached[0], config)):
         engine = cached[1]
     else:
         engine = InfiniteTimeNeuralODE(vector_field, solver=solver, atol=atol, rtol=rtol, sensitivity=sensitivity,
                                        atol_adjoint=atol_adjoint, rtol_adjoint=rtol_adjoint, max_steps=max_steps)
         if owner is not None:
-            _ENGINES[owner] = (config, engine)
+            owner.__dict__[_ENGINE] = (config, engine)
     engine.training = owner.training if owner is not None else True
     if input_grad and torch.is_grad_enabled() and not x.requires_grad:
         x = x.detach().requires_grad_()  # z0 = x: makes the engine attach the implicit backward

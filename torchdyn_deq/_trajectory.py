@@ -25,8 +25,9 @@ class TrajectorySupervision:
 
     Args:
         n_states: states returned, ``z*`` included. Default ``2`` (one intermediate state).
-        indexing: accepted-step counts of the intermediate states (torchdeq's ``indexing``);
-            ``None`` (default): evenly spaced over the solve, whatever its length.
+        indexing: accepted-step counts of the intermediate states (torchdeq's ``indexing``),
+            strictly increasing; ``None`` (default): evenly spaced over the solve, whatever its
+            length. A state the solve did not reach repeats the last one kept.
         steps: phantom steps from each intermediate state. Default ``1`` with ``damping=1.0``:
             the state's image ``f(z_i, x)``, torchdeq's default ``grad=1``.
         damping: ``tau`` in ``(0, 1]``. Default ``1.0``.
@@ -39,11 +40,19 @@ class TrajectorySupervision:
         if self.indexing is not None and len(self.indexing) != self.n_states - 1:
             raise ValueError(f"indexing lists the {self.n_states - 1} intermediate states' steps (n_states - 1, "
                              f"z* is the last state), got {len(self.indexing)}: {indexing!r}")
+        if self.indexing is not None and list(self.indexing) != sorted(set(self.indexing)):
+            raise ValueError(f"indexing must be strictly increasing accepted-step counts (the states come in solve "
+                             f"order), got {indexing!r}")
         self.steps = positive_int("steps", steps)
         self.damping = float_in("damping", damping, 0.0, 1.0)
 
     def unroll(self, g: Callable[[Tensor, Tensor], Tensor], saved: Sequence[SavedState], like: Tensor) -> List[Tensor]:
-        """The intermediate states, each after its phantom steps (graph kept where grad is enabled)."""
+        """The ``n_states - 1`` intermediate states, each after its phantom steps (graph kept where
+        grad is enabled). A solve that ended before a requested step (or took fewer steps than
+        states asked for) repeats its last kept iterate, so ``sol`` always has ``n_states + 1``
+        entries and ``sol[i]`` keeps its meaning."""
+        saved = list(saved)[: self.n_states - 1]
+        saved += saved[-1:] * (self.n_states - 1 - len(saved))
         out = []
         for state in saved:
             t = torch.as_tensor(state.t, dtype=like.dtype, device=like.device)

@@ -54,7 +54,8 @@ class VCAB3Stepper(DiffEqSolver):
         if x is self._x_new and t == self._t_new:  # the last step was accepted: x_new is its result
             if t > self._times[0]:
                 self._times, self._evals = ([t] + self._times)[:3], ([k1] + self._evals)[:3]
-        elif not (x is self._x and self._times and t == self._times[0]):  # not a retry after a rejection
+        elif not (x is self._x and self._times and t == self._times[0] and k1 is self._evals[0]):
+            # not a retry after a rejection (torchdyn passes the same x and k1 again): a new history
             self._times, self._evals = [t], [k1]
 
     def step(self, f, x: Tensor, t: Tensor, dt: Tensor, k1: Optional[Tensor] = None, args=None):
