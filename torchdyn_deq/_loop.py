@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import boolean, positive_float, positive_int
+from ._checks import boolean, float_in, positive_int
 from ._solution import NonFiniteError, Result, SavedState, SolveOptions, SteadyStateSolution
 
 VectorField = Callable[[Tensor, Tensor], Tensor]
@@ -100,9 +100,7 @@ class SteadyStateSolver:
 
     def __init__(self, stall_patience: int = 30, divergence_factor: float = 1e4, per_sample: bool = False):
         self.stall_patience = positive_int("stall_patience", stall_patience)
-        self.divergence_factor = positive_float("divergence_factor", divergence_factor)
-        if not self.divergence_factor > 1:
-            raise ValueError(f"divergence_factor must be > 1, got {divergence_factor!r}")
+        self.divergence_factor = float_in("divergence_factor", divergence_factor, 1.0, math.inf, high_open=True)
         self.per_sample = boolean("per_sample", per_sample)
 
     def init(self, g: VectorField, z0: Tensor, gz0: Tensor, options: SolveOptions) -> State:
@@ -150,9 +148,8 @@ class _Tracker:
     def __init__(self, z0: Tensor, gz0: Tensor, options: SolveOptions, solver: SteadyStateSolver, nfe_start: int):
         self.options, self.solver, self.nfe_start = options, solver, nfe_start
         batch = z0.shape[0]
-        # the scale of the start, max |z0| + max |f(z0)| over the batch: the divergence test's unit
-        z0w = _wide(z0)
-        self.scale = torch.stack([z0w.abs().amax(), (z0w + _wide(gz0)).abs().amax()]) if z0.numel() else None
+        # max |f(z0)| over the batch; with max |z0| (the first measure's size) the divergence test's unit
+        self.image_size = (_wide(z0) + _wide(gz0)).abs().amax()
         self.best_z = z0
         self.best_res = torch.full((batch,), math.inf, device=z0.device)
         # the best residuals of the unconverged samples (0 for converged ones) at the start of the
@@ -311,12 +308,12 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
     track = _Tracker(z0, gz0, options, solver, nfe_start)
     state = solver.init(count, z0, gz0, options)
     first = track.measure(z0, gz0)
-    host = torch.cat([p.reshape(-1) for p in first.host + (track.scale,)]).tolist()
+    host = torch.cat([p.reshape(-1) for p in first.host + (track.image_size,)]).tolist()
     if not all(map(math.isfinite, host)):
         raise NonFiniteError("non-finite values appeared in the vector field at the starting state. "
                              + Result.non_finite.remedy)
     k = _host_size(first)
-    track.unit = 1.0 + host[k] + host[k + 1]
+    track.unit = 1.0 + host[1] + host[k]  # 1 + max |z0| (the first measure is a check) + max |f(z0)|
     result = track.commit(first, host[:k], count.n, 0.0, 0)
     per_sample = solver.per_sample and count.restrict is not None and not torch.is_grad_enabled()
     accepted = rejected = bad = 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from numbers import Real
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,7 +16,7 @@ import torch.nn as nn
 from torch import Tensor
 from torchdyn.numerics.solvers.ode import SOLVER_DICT, str_to_solver
 
-from ._checks import positive_float
+from ._checks import float_in, positive_float
 from ._loop import Proposal, State, SteadyStateSolver, _wide
 from ._solution import SolveOptions
 from ._step_control import STALE, StabilityRegion, StepController, error_ratio, first_step, spectral_moments
@@ -99,9 +98,7 @@ class _TimeStepper(SteadyStateSolver):
         self.stall_time = positive_float("stall_time", stall_time)
         self.step_tol_factor = positive_float("step_tol_factor", step_tol_factor)
         self.min_step_tol = positive_float("min_step_tol", min_step_tol)
-        if not (isinstance(max_step, Real) and not isinstance(max_step, bool) and max_step > 0):
-            raise ValueError(f"max_step must be a positive number (inf for none), got {max_step!r}")
-        self.max_step = float(max_step)
+        self.max_step = float_in("max_step", max_step, 0.0, math.inf)  # inf: no bound
 
     def _step_tolerances(self, options: SolveOptions) -> Tuple[float, float]:
         return (max(options.atol * self.step_tol_factor, self.min_step_tol),
@@ -259,9 +256,7 @@ class VCAB3(_TimeStepper):
     def __init__(self, step_tol_factor: float = 1.0, min_step_tol: float = 1e-6, max_step: float = math.inf,
                  max_factor: float = 2.0, stall_time: float = 10.0, **loop_options):
         super().__init__(step_tol_factor, min_step_tol, max_step, stall_time, **loop_options)
-        self.max_factor = positive_float("max_factor", max_factor)
-        if not self.max_factor > 1:
-            raise ValueError(f"max_factor must be > 1, got {max_factor!r}")
+        self.max_factor = float_in("max_factor", max_factor, 1.0, math.inf, high_open=True)
         self._control = StepController(3, _ab3_region(), max_factor=self.max_factor, max_step=self.max_step)
 
     def init(self, g, z0, gz0, options):
