@@ -216,7 +216,7 @@ def test_every_image_exists():
 
 # ---------------------------------------------------------------------------- docstring examples
 DOCTESTED = ["torchdyn_deq._models", "torchdyn_deq._initializers", "torchdyn_deq._regularizers",
-             "torchdyn_deq.multiscale.zoo", "torchdyn_deq.experiments.baselines"]
+             "torchdyn_deq.multiscale.zoo", "torchdyn_deq._baselines"]
 
 
 @pytest.mark.parametrize("module", DOCTESTED)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ._checks import boolean, float_in, positive_int
+from ._field import Field
 from ._solution import NonFiniteError, Result, SavedState, SolveOptions, SteadyStateSolution
 
 VectorField = Callable[[Tensor, Tensor], Tensor]
@@ -117,20 +118,6 @@ class SteadyStateSolver:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({opts})"
-
-
-class _Counted:
-    """``g`` with its evaluations counted, called as ``g(t, z)`` with a float or tensor ``t``."""
-
-    def __init__(self, g: VectorField, t_like: Tensor):
-        self.g, self.n, self.restrict = g, 0, getattr(g, "on_rows", None)
-        self._t = t_like
-
-    def __call__(self, t, z: Tensor) -> Tensor:
-        self.n += 1
-        if not isinstance(t, Tensor):
-            t = torch.full((), t, dtype=self._t.dtype, device=self._t.device)
-        return self.g(t, z)
 
 
 @dataclass
@@ -288,8 +275,9 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
     ``t = infinity`` for a continuous one); the record of what happened.
 
     Args:
-        g: the vector field ``g(t, z)`` (``f(z, x) - z`` for a DEQ); an ``on_rows(rows)``
-            attribute, if present, gives ``g`` on a subset of the batch (per-sample termination).
+        g: the vector field ``g(t, z)`` (``f(z, x) - z`` for a DEQ), a `Field` (its count of
+            evaluations is the record's; its ``restrict`` gives per-sample termination) or a
+            plain function (wrapped in one).
         z0: the start, shape ``(batch, *state)``.
         solver: a `SteadyStateSolver`.
         options: `SolveOptions` (tolerances, budget, kept states).
@@ -301,7 +289,8 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
     """
     if not isinstance(solver, SteadyStateSolver):
         raise TypeError(f"solver must be a SteadyStateSolver, got {solver!r}")
-    count = _Counted(g, z0)
+    count = g if isinstance(g, Field) else Field(g, z0)
+    start = count.nfe  # evaluations before the solve (the initializer's) are nfe_start's
     gz0 = count(0.0, z0)
     if gz0.shape != z0.shape:
         raise ValueError(f"the vector field returned shape {tuple(gz0.shape)} for a state of shape {tuple(z0.shape)}")
@@ -314,15 +303,15 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
                              + Result.non_finite.remedy)
     k = _host_size(first)
     track.unit = 1.0 + host[1] + host[k]  # 1 + max |z0| (the first measure is a check) + max |f(z0)|
-    result = track.commit(first, host[:k], count.n, 0.0, 0)
-    per_sample = solver.per_sample and count.restrict is not None and not torch.is_grad_enabled()
+    result = track.commit(first, host[:k], count.nfe - start, 0.0, 0)
+    per_sample = solver.per_sample and isinstance(g, Field) and not torch.is_grad_enabled()
     accepted = rejected = bad = 0
     pending: Optional[_Measure] = None  # an accepted iterate whose stop test is read in the next sync
     while result is None:
         if accepted + rejected >= options.max_steps:
             if pending is not None:
                 result = track.commit(pending, torch.cat([p.reshape(-1) for p in pending.host]).tolist(),
-                                      count.n, state.t, accepted)
+                                      count.nfe - start, state.t, accepted)
                 pending = None
             if result is None:
                 result = Result.budget if options.budget else Result.diverged if track.running_away else Result.max_steps
@@ -333,7 +322,7 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
         host = torch.cat([p.reshape(-1) for p in parts]).tolist()  # the step's one synchronisation
         if pending is not None:
             k = _host_size(pending)
-            result, host, measured, pending = track.commit(pending, host[:k], count.n, state.t, accepted), host[k:], pending, None
+            result, host, measured, pending = track.commit(pending, host[:k], count.nfe - start, state.t, accepted), host[k:], pending, None
             if result is not None:
                 break
             if per_sample:
@@ -350,15 +339,15 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
             continue
         accepted, bad, state = accepted + 1, 0, new
         if cand is not None:
-            result = track.commit(cand, cand_host, count.n, state.t, accepted)
+            result = track.commit(cand, cand_host, count.nfe - start, state.t, accepted)
         else:
             pending = track.measure(state.z, state.gz)
         if result is None and per_sample and cand is not None:
             state, _ = _drop_converged(state, None, track, count, cand.residual)
     iterations = accepted + rejected
-    message = _message(result, solver, options, state.t, iterations, track.nfe_start + count.n, track.best_res,
+    message = _message(result, solver, options, state.t, iterations, track.nfe_start + count.nfe - start, track.best_res,
                        track.stall)
-    return track.finish(z0, state.t, iterations, count.n, accepted, rejected, result, message)
+    return track.finish(z0, state.t, iterations, count.nfe - start, accepted, rejected, result, message)
 
 
 def _host_size(m: _Measure) -> int:
@@ -375,16 +364,16 @@ def _pick(x, keep: Tensor):
     return x
 
 
-def _drop_converged(state: State, proposal: Optional[Proposal], track: _Tracker, count: _Counted,
+def _drop_converged(state: State, proposal: Optional[Proposal], track: _Tracker, count: Field,
                     residual: Tensor) -> Tuple[State, Optional[Proposal]]:
-    """Restrict the state, a pending proposal and ``g`` (through its ``on_rows``) to the samples
+    """Restrict the state, a pending proposal and ``g`` (`Field.restrict`) to the samples
     not yet converged."""
     open_ = residual > 1
     if bool(open_.all()):
         return state, proposal
     keep = open_.nonzero()[:, 0]
     track.rows = keep if track.rows is None else track.rows[keep]
-    count.g = count.restrict(track.rows)
+    count.restrict(track.rows)
     state = State(_pick(state.z, keep), _pick(state.gz, keep), state.t, _pick(state.memory, keep), state.control)
     if proposal is not None:
         proposal = Proposal(_pick(proposal.z, keep), _pick(proposal.gz, keep), proposal.t, proposal.signals,

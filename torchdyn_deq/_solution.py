@@ -129,8 +129,29 @@ class SavedState(NamedTuple):
 
 
 @dataclass
+class BackwardRecord:
+    """What the backward passes through one steady state did: written by the sensitivity when a
+    backward pass runs (the forward's record is frozen by then).
+
+    Attributes:
+        iters: linear-solve iterations (VJPs) of the last backward pass (phantom gradients: its
+            ``k`` steps); ``None`` until a backward pass ran, and for Jacobian-free gradients.
+        residual: relative residual reached by that linear solve (``None`` without one).
+        passes: backward passes run so far.
+        cause: a cause of failure known from the forward (its field), which the backward's
+            failure messages name first (``''``: none).
+    """
+
+    iters: Optional[int] = None
+    residual: Optional[float] = None
+    passes: int = 0
+    cause: str = ""
+
+
+@dataclass(frozen=True)
 class SteadyStateSolution:
-    """What one forward solve did. Built once, by the solve loop.
+    """What one forward solve did: built by the solve loop, completed once by `implicit_solve`
+    (the auxiliary losses), frozen; the backward's statistics live in ``backward``.
 
     Attributes:
         z_star: the steady state, shape ``(batch, *state)``: each sample's best iterate (lowest
@@ -152,9 +173,8 @@ class SteadyStateSolution:
         converged: every sample met the tolerance.
         states: the iterates kept for ``SolveOptions.save_steps`` / ``save_evenly``, as
             `SavedState` ``(step, t, z)`` (``z`` detached), in order; ``z*`` itself is not among them.
-        backward_iters: linear-solve iterations (VJPs) of the last backward pass, ``None``
-            until a backward pass ran.
-        backward_residual: relative residual reached by that linear solve.
+        backward: the `BackwardRecord` of the backward passes through this steady state;
+            ``backward_iters`` and ``backward_residual`` read it.
         skip_loss: the Skip / Skip Reg. auxiliary loss, already weighted (``None`` without one).
         jacobian_loss: the Hutchinson Jacobian penalty, already weighted (``None`` without one).
     """
@@ -171,11 +191,17 @@ class SteadyStateSolution:
     result: Result
     message: str = ""
     states: List["SavedState"] = field(default_factory=list)
-    backward_iters: Optional[int] = None
-    backward_residual: Optional[float] = None
     skip_loss: Optional[Tensor] = None
     jacobian_loss: Optional[Tensor] = None
-    extra: dict = field(default_factory=dict)
+    backward: BackwardRecord = field(default_factory=BackwardRecord)
+
+    @property
+    def backward_iters(self) -> Optional[int]:
+        return self.backward.iters
+
+    @property
+    def backward_residual(self) -> Optional[float]:
+        return self.backward.residual
 
     @property
     def reason(self) -> Result:
