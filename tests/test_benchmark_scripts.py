@@ -18,3 +18,13 @@ def test_backward_tolerance_errors_shrink_with_the_tolerance(tmp_path):
     errors = [r["gradient_error"] for r in rows]
     assert [r["rtol"] for r in rows] == list(backward_tolerance.TOLERANCES)
     assert errors[-1] < errors[0] and all(r["total_error"] >= 0 for r in rows)
+
+
+def test_doors_writes_a_row_per_door(tmp_path):
+    from benchmarks import doors
+
+    doors.main(["--sizes", "4x8", "--repeats", "1", "--out", str(tmp_path / "doors")])
+    data = json.loads((tmp_path / "doors.json").read_text())
+    assert [r["door"] for r in data["rows"]] == ["DEQ(f)", "InfiniteTimeNeuralODE(vf)", "NeuralODE(vf, 'steady_state')",
+                                                 "odeint_steady_state"]
+    assert data["rows"][0]["ratio"] == 1.0 and all(r["ms"] > 0 for r in data["rows"])

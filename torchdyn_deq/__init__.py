@@ -5,6 +5,8 @@ from ._initializers import (Initializer, InputInitializer, SkipInitializer, Skip
                             ZerosInitializer)
 from ._linear_solvers import GMRES, DirectSolver, FixedPointSolver, LinearSolveInfo, LinearSolver
 from ._loop import SteadyStateSolver, scaled_residual, steady_state_solve
+from ._field import Field
+from ._implicit import implicit_solve
 from ._models import DEQ, DEQVectorField, InfiniteTimeNeuralODE
 from ._norms import apply_norm, remove_norm, reset_norm
 from ._ode import VCAB3, ODESteadyStateSolver, Tableau, adams_bashforth_weights
@@ -28,7 +30,7 @@ __version__ = "0.1.0"
 _install_torchdyn()  # 'steady_state', 'jacobian_free', 'vcab3' become torchdyn names (idempotent)
 
 __all__ = [
-    "InfiniteTimeNeuralODE", "DEQ", "DEQVectorField",
+    "InfiniteTimeNeuralODE", "DEQ", "DEQVectorField", "implicit_solve", "Field",
     "steady_state_solve", "SolveOptions", "Result", "StepController", "StabilityRegion", "Tableau",
     "SteadyStateSolver", "ODESteadyStateSolver", "VCAB3", "adams_bashforth_weights", "RootSolver", "FixedPointIteration",
     "AndersonAcceleration", "BroydenSolver", "scaled_residual",
