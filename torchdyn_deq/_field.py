@@ -45,8 +45,8 @@ class Field:
                  slots: Sequence[Slot] = (), label: str = "the vector field", injected: Optional[bool] = None):
         self.fn, self.residual, self.label, self.injected, self.nfe = fn, residual, label, injected, 0
         self.dtype, self.device = like.dtype, like.device
-        self.slots = [(owner, name, getattr(owner, name)) for owner, name in slots
-                      if getattr(owner, name, None) is not None]
+        self.slots = list(slots)
+        self._full: Optional[List] = None  # the slots' full-batch tensors while restricted
         self.checked = False
 
     def __call__(self, t, z: Tensor) -> Tensor:
@@ -65,23 +65,28 @@ class Field:
             raise TypeError(f"{self.label} returned {type(out).__name__}: {form} must return a tensor shaped like z")
         if out.shape != z.shape:  # for the DEQ form, f - z would broadcast to a wrong steady state
             hint = " (set state_shape= if the state differs from x)" if self.residual else ""
-            raise ValueError(f"{self.label} returned shape {tuple(out.shape)} for a state of shape {tuple(z.shape)}; "
+            raise ValueError(f"{self.label} returned {tuple(out.shape)} for a state of shape {tuple(z.shape)}; "
                              f"{form} must have the state's shape{hint}")
         if out.dtype != z.dtype and not torch.is_autocast_enabled(z.device.type):  # autocast changes dtypes on purpose
             raise TypeError(f"{self.label} returned dtype {out.dtype} for a state of dtype {z.dtype}")
 
     def restrict(self, rows: Optional[Tensor]) -> None:
-        """Evaluate on the samples ``rows`` of the full batch from now on (``None``: all of them):
-        the slots' tensors are restricted to those rows, and the next output is checked again
-        (a field that ignores the restriction is an error, not a wrong answer)."""
-        for owner, name, full in self.slots:
-            setattr(owner, name, full if rows is None else full.index_select(0, rows))
+        """Evaluate on the samples ``rows`` of the full batch from now on (``None``: all of them
+        again): the slots' tensors are restricted to those rows (read when first restricted, so a
+        dropout mask drawn at the first evaluation is among them), and the next output is checked
+        again (a field that ignores the restriction is an error, not a wrong answer)."""
+        if rows is None:
+            if self._full is not None:
+                for (owner, name), full in zip(self.slots, self._full):
+                    setattr(owner, name, full)
+                self._full = None
+        else:
+            if self._full is None:
+                self._full = [getattr(owner, name, None) for owner, name in self.slots]
+            for (owner, name), full in zip(self.slots, self._full):
+                if full is not None:
+                    setattr(owner, name, full.index_select(0, rows))
         self.checked = False
-
-    @property
-    def inputs(self) -> List[Tensor]:
-        """The full-batch tensors of the slots (the injected input first)."""
-        return [full for _, _, full in self.slots]
 
 
 def _mask_slots(module: Optional[nn.Module]) -> List[Slot]:

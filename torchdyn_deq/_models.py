@@ -352,6 +352,9 @@ class DEQ(InfiniteTimeNeuralODE):
     """
 
     def __init__(self, f: Callable[[Tensor, Tensor], Tensor], solver="tsit5", *, initializer="zeros", **kwargs):
+        if kwargs.get("order", 1) != 1:
+            raise ValueError(f"order={kwargs['order']!r}: the DEQ form dz/dt = f(z, x) - z is first order; for the "
+                             "steady state of a second-order system use InfiniteTimeNeuralODE(vector_field, order=2)")
         super().__init__(DEQVectorField(f), solver=solver, initializer=initializer, **kwargs)
 
     @property
