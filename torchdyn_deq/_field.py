@@ -67,7 +67,8 @@ class Field:
             hint = " (set state_shape= if the state differs from x)" if self.residual else ""
             raise ValueError(f"{self.label} returned {tuple(out.shape)} for a state of shape {tuple(z.shape)}; "
                              f"{form} must have the state's shape{hint}")
-        if out.dtype != z.dtype and not torch.is_autocast_enabled(z.device.type):  # autocast changes dtypes on purpose
+        # under autocast f's dtype changes on purpose, and f - z promotes it back; dz/dt itself must not
+        if out.dtype != z.dtype and not (self.residual and torch.is_autocast_enabled(z.device.type)):
             raise TypeError(f"{self.label} returned dtype {out.dtype} for a state of dtype {z.dtype}")
 
     def restrict(self, rows: Optional[Tensor]) -> None:
