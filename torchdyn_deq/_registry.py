@@ -106,20 +106,37 @@ def torchdyn_stepper(solver: SteadyStateSolver):
 
 def steady_state_solver(method: str, options: dict):
     """The package's solver ``method`` built with ``options`` (its constructor's keywords);
-    unknown options are a ``ValueError`` that lists the valid ones."""
-    if method in ROOT_SOLVERS:
-        cls, make = ROOT_SOLVERS[method], ROOT_SOLVERS[method]
-    elif method == "vcab3":
-        cls = make = VCAB3
-    else:
-        cls, make = ODESteadyStateSolver, functools.partial(ODESteadyStateSolver, method)
-    valid = sorted({name for klass in type.mro(cls) if "__init__" in vars(klass)
-                    for name, p in inspect.signature(klass.__init__).parameters.items()
-                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self", "stepper"})
+    unknown options are a ``ValueError`` that lists the valid ones. Built once per
+    configuration (a functional call reuses it, as a model reuses its own solver), when the
+    options are hashable."""
+    cls = ROOT_SOLVERS.get(method) or (VCAB3 if method == "vcab3" else ODESteadyStateSolver)
+    valid = _constructor_options(cls)
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"unknown options {unknown} for method={method!r}; valid options: {valid}")
-    return make(**options)
+        raise ValueError(f"unknown options {unknown} for method={method!r}; valid options: {list(valid)}")
+    try:
+        return _built(method, tuple(sorted(options.items())))
+    except TypeError:  # an unhashable option value: built for this call only
+        return _build(method, options)
+
+
+def _build(method: str, options: dict):
+    if method in ROOT_SOLVERS:
+        return ROOT_SOLVERS[method](**options)
+    return VCAB3(**options) if method == "vcab3" else ODESteadyStateSolver(method, **options)
+
+
+@functools.lru_cache(maxsize=64)
+def _built(method: str, options: tuple):
+    return _build(method, dict(options))
+
+
+@functools.lru_cache(maxsize=None)
+def _constructor_options(cls: type) -> Tuple[str, ...]:
+    """The keyword names of ``cls``'s constructors along its MRO (the solver's options)."""
+    return tuple(sorted({name for klass in type.mro(cls) if "__init__" in vars(klass)
+                         for name, p in inspect.signature(klass.__init__).parameters.items()
+                         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self", "stepper"}))
 
 
 def make_initializer(initializer: Union[str, Initializer]) -> Initializer:
