@@ -180,3 +180,49 @@ def test_layers_bottom_up():
     assert "from torchdyn_deq" not in registry and "import torchdyn_deq\n" not in registry
     for stepping in ("init_step", "adapt_step", "hairer_norm", ".step("):  # no second solve loop: a hook
         assert stepping not in registry, stepping
+
+
+@pytest.mark.parametrize("door", ["DEQ", "InfiniteTimeNeuralODE"])
+def test_per_sample_termination_restricts_the_injected_input_and_the_dropout_mask(door):
+    """Samples that converge early leave the batch: the Field restricts what the field reads (the
+    DEQ's x, torchdyn's DataControl input, the variational dropout mask drawn at the first
+    evaluation) with them, and restores it after the solve."""
+    from torchdyn.nn import DataControl
+
+    torch.manual_seed(5)
+    drop = td.VariationalDropout(0.3)
+    lin = nn.Linear(4, 4).double()
+    x = torch.cat([0.01 * torch.randn(3, 4), 3 * torch.randn(3, 4)]).double()  # easy and hard samples
+    if door == "DEQ":
+        class Layer(nn.Module):  # a module: the model finds its dropout (a closure's it cannot)
+            def __init__(self):
+                super().__init__()
+                self.lin, self.drop = lin, drop
+
+            def forward(self, z, x):
+                return self.drop(torch.tanh(self.lin(z) + x))
+        make = lambda per_sample: td.DEQ(Layer(), state_shape=(4,), solver=td.AndersonAcceleration(per_sample=per_sample),
+                                         atol=1e-9, rtol=1e-9)
+    else:
+        net = nn.Sequential(DataControl(), nn.Linear(8, 4), nn.Tanh()).double()
+
+        class Field(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net, self.drop = net, drop
+
+            def forward(self, t, z, args=None):
+                return self.drop(self.net(z)) - z
+        make = lambda per_sample: td.InfiniteTimeNeuralODE(
+            Field(), solver=td.ODESteadyStateSolver("tsit5", per_sample=per_sample), atol=1e-9, rtol=1e-9, max_steps=400)
+    results = []
+    for per_sample in (False, True):
+        model = make(per_sample).train()
+        torch.manual_seed(6)  # the same dropout mask
+        with torch.no_grad():
+            results.append(model(x)[1][-1])
+        assert model.solution.converged
+        if per_sample:
+            assert int(model.solution.nfe_per_sample.min()) < int(model.solution.nfe_per_sample.max())
+            assert drop.mask.shape[0] == x.shape[0]  # restored to the full batch
+    torch.testing.assert_close(results[0], results[1], atol=1e-7, rtol=1e-7)
