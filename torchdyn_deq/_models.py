@@ -13,6 +13,7 @@ from torchdyn.core import NeuralODE
 from torchdyn.core.defunc import DEFuncBase
 
 from ._checks import non_negative_float, optional, positive_float, positive_int
+from ._compile import with_compile
 from ._dropout import dropout_modules, reset_dropout
 from ._initializers import Initializer
 from ._loop import SteadyStateSolver, steady_state_solve
@@ -92,6 +93,8 @@ class InfiniteTimeNeuralODE(NeuralODE):
         trajectory: a `TrajectorySupervision`: return intermediate states of the solve with
             gradients (``sol[1:-1]``, at ``t_eval[1:-1]``) besides ``z*`` (fixed-point
             correction). Default ``None``: ``(t_eval, sol)`` holds ``[t0, t*]`` and ``[z0, z*]``.
+        compile: the solver's ``compile`` option (a compiled step, ``'tsit5'``/``'dopri5'``/
+            ``'vcab3'``; see `ODESteadyStateSolver`). Default ``None``: the solver's own (off).
 
     ``order > 1``, ``solver_adjoint``, ``interpolator``, ``integral_loss``, ``seminorm`` and
     ``save_at`` belong to finite-time integration and are refused with an error.
@@ -119,7 +122,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
                  initializer: Union[str, Initializer] = "input", state_shape: Optional[Tuple[int, ...]] = None,
                  max_steps: int = 100, on_failure: str = "warn", jacobian_penalty: Optional[JacobianPenalty] = None,
                  eval_tol_factor: float = 1.0, eval_max_steps: Optional[int] = None,
-                 trajectory: Optional[TrajectorySupervision] = None):
+                 trajectory: Optional[TrajectorySupervision] = None, compile: Optional[bool] = None):
         for name, value, default in (("order", order, 1), ("solver_adjoint", solver_adjoint, None),
                                      ("interpolator", interpolator, None), ("integral_loss", integral_loss, None),
                                      ("seminorm", seminorm, False)):
@@ -137,7 +140,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
         if jacobian_penalty is not None and not isinstance(jacobian_penalty, JacobianPenalty):
             raise TypeError(f"jacobian_penalty must be a JacobianPenalty or None, got {jacobian_penalty!r}")
         on_failure = check_failure_mode(on_failure)
-        steady_solver = make_solver(solver)
+        steady_solver = with_compile(make_solver(solver), compile)
         rtol_adjoint = max(atol, rtol) if rtol_adjoint is None else non_negative_float("rtol_adjoint", rtol_adjoint)
         sens = make_sensitivity(sensitivity, rtol_adjoint,
                                 non_negative_float("atol_adjoint", atol_adjoint), on_failure)
@@ -216,11 +219,13 @@ class InfiniteTimeNeuralODE(NeuralODE):
         dropouts = dropout_modules(field)
 
         def g(t: Tensor, z: Tensor) -> Tensor:
-            g.calls += 1
+            counting = not torch.compiler.is_compiling()  # a compiled step counts afterwards (_Counted.add)
+            if counting:
+                g.calls += 1
             for module in timed:
                 module.t = t
             dz = field(t, z, args=args)
-            if g.calls == 1:  # the first evaluation of a solve checks what the field returns
+            if counting and g.calls == 1:  # the first evaluation of a solve checks what the field returns
                 _check_field_output(dz, z)
             return dz
 
