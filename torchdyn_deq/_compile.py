@@ -8,7 +8,11 @@ evaluations. Compiled, a step is one call: the guards, then one generated kernel
 What stays outside: everything the host reads (the loop's one synchronisation per step), so a
 compiled body takes every number that changes between steps (the step size, the time, the
 Adams weights) as a tensor, and its graph does not depend on them: one compile per shape,
-dtype, device, grad mode and variant (``CompiledStep.compiles`` counts them).
+dtype, device, grad mode and variant (`compiles` counts them).
+
+CUDA graphs (``mode="reduce-overhead"``) are not used: a graph replay overwrites the outputs of
+the previous one, and the loop keeps earlier iterates (the best iterate, VCAB3's history), so
+every output would need a copy; untested without a GPU, left for a machine with one.
 """
 from __future__ import annotations
 

@@ -355,7 +355,10 @@ class VCAB3(_TimeStepper):
         stall_time: as for `ODESteadyStateSolver`. Default ``10.0``.
         compile: compile the step (the combination, error ratio and eigenvalue moments) and the
             evaluation at an accepted point, once the history is full, as for
-            `ODESteadyStateSolver`. Default ``False``, for the same reason.
+            `ODESteadyStateSolver`. Default ``False``, for the same reason and one more: VCAB3's
+            step is a few dozen small operations besides its one evaluation, about what a
+            compiled call costs by itself (its guards), so at the paper's size it gains
+            nothing (``benchmarks/results/overhead.md``).
         **loop_options: ``stall_patience``, ``divergence_factor``, ``per_sample``: the solve
             loop's tests (`SteadyStateSolver`).
     """
