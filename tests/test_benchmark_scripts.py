@@ -5,7 +5,7 @@ from benchmarks import backward_tolerance, overhead
 
 
 def test_overhead_writes_a_row_per_solver(tmp_path):
-    overhead.main(["--sizes", "4x8", "--repeats", "1", "--out", str(tmp_path / "overhead")])
+    overhead.main(["--sizes", "4x8", "--repeats", "1", "--no-compile", "--out", str(tmp_path / "overhead")])
     data = json.loads((tmp_path / "overhead.json").read_text())
     assert [r["solver"] for r in data["rows"]] == list(overhead.SOLVERS)
     assert all(r["forward_overhead"] > 0 and r["nfe"] > 0 for r in data["rows"])

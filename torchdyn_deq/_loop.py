@@ -462,7 +462,7 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
         proposal = solver.propose(count, state, options)
         cand = None if proposal.gz is None else track.measure(proposal.z, proposal.gz)
         parts = (pending.host if pending else ()) + (cand.host if cand else ()) + tuple(proposal.signals)
-        host = torch.cat([p.reshape(-1) for p in parts]).tolist()  # the step's one synchronisation
+        host = torch.cat([p.reshape(-1) for p in parts]).tolist() if parts else []  # the step's one synchronisation
         if pending is not None:
             k = _host_size(pending)
             result, host, measured, pending = track.commit(pending, host[:k], count.nfe - start, state.t, accepted), host[k:], pending, None
@@ -505,6 +505,8 @@ def _pick(x, keep: Tensor):
     """Rows ``keep`` of every tensor in ``x`` (nested tuples / lists); anything else as is."""
     if isinstance(x, Tensor):
         return x.index_select(0, keep)
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a solver's typed state (NamedTuple)
+        return type(x)(*(_pick(y, keep) for y in x))
     if isinstance(x, (tuple, list)):
         return type(x)(_pick(y, keep) for y in x)
     return x

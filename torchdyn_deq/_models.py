@@ -13,6 +13,7 @@ from torchdyn.core import NeuralODE
 from torchdyn.core.defunc import DEFuncBase
 
 from ._checks import non_negative_float, optional, positive_float, positive_int
+from ._compile import with_compile
 from ._field import Field, layer_field, module_field
 from ._implicit import implicit_solve, per_solve
 from ._initializers import Initializer
@@ -87,6 +88,8 @@ class InfiniteTimeNeuralODE(NeuralODE):
             above), ``'elementwise'`` (every element ``|dz/dt| <= atol`` or ``<= rtol |z|``)
             or ``'batch_relative'`` (``||dz/dt||_2 <= rtol ||dz/dt + z||_2`` over the batch, the
             paper's code; the batch stops as one).
+        compile: the solver's ``compile`` option (a compiled step, ``'tsit5'``/``'dopri5'``/
+            ``'vcab3'``; see `ODESteadyStateSolver`). Default ``None``: the solver's own (off).
 
     ``order > 1``, ``solver_adjoint``, ``interpolator``, ``integral_loss``, ``seminorm`` and
     ``save_at`` belong to finite-time integration and are refused with an error.
@@ -114,7 +117,8 @@ class InfiniteTimeNeuralODE(NeuralODE):
                  initializer: Union[str, Initializer] = "input", state_shape: Optional[Tuple[int, ...]] = None,
                  max_steps: int = 100, on_failure: Optional[str] = None, jacobian_penalty: Optional[JacobianPenalty] = None,
                  eval_tol_factor: float = 1.0, eval_max_steps: Optional[int] = None,
-                 trajectory: Optional[TrajectorySupervision] = None, termination: str = "per_sample"):
+                 trajectory: Optional[TrajectorySupervision] = None, termination: str = "per_sample",
+                 compile: Optional[bool] = None):
         for name, value, default in (("solver_adjoint", solver_adjoint, None), ("interpolator", interpolator, None),
                                      ("integral_loss", integral_loss, None), ("seminorm", seminorm, False)):
             if value != default:
@@ -132,7 +136,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
         if jacobian_penalty is not None and not isinstance(jacobian_penalty, JacobianPenalty):
             raise TypeError(f"jacobian_penalty must be a JacobianPenalty or None, got {jacobian_penalty!r}")
         SolveOptions(atol, rtol, max_steps, termination=termination)  # validates the rule (and rtol > 0 for batch_relative)
-        steady_solver = make_solver(solver)
+        steady_solver = with_compile(make_solver(solver), compile)
         sens, on_failure = make_sensitivity(
             sensitivity, rtol_adjoint=optional(non_negative_float, "rtol_adjoint", rtol_adjoint),
             atol_adjoint=optional(non_negative_float, "atol_adjoint", atol_adjoint), on_failure=on_failure,

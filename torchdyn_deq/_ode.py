@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 from torchdyn.numerics.solvers.ode import SOLVER_DICT, str_to_solver
 
-from ._checks import float_in, positive_float
+from ._checks import boolean, float_in, positive_float
+from ._compile import CompiledStep
 from ._loop import Proposal, State, SteadyStateSolver, _wide
 from ._solution import SolveOptions
-from ._step_control import STALE, StabilityRegion, StepController, error_ratio, first_step, spectral_moments
+from ._step_control import Stability, StabilityRegion, StepController, error_ratio, first_step, spectral_moments
 
 
 class Tableau:
@@ -35,6 +36,7 @@ class Tableau:
         self.fsal = bool(self.a) and self.a[-1] == self.b[: len(self.a[-1])] and not any(self.b[len(self.a[-1]):]) \
             and self.c[-1] == 1.0
         self.region = StabilityRegion.runge_kutta(self.a, self.b[: len(self.a) + 1])
+        self.evaluations = len(self.c) + (0 if self.fsal else 1)  # of g per step, k1 given
 
     @classmethod
     def of(cls, stepper: nn.Module) -> Optional["Tableau"]:
@@ -52,25 +54,32 @@ def _named_tableau(name: str) -> Optional[Tableau]:
     return Tableau.of(str_to_solver(name, torch.float64))
 
 
-def combine(base: Optional[Tensor], ks: Sequence[Tensor], weights: Sequence[float], dt: float) -> Tensor:
-    """``base + dt * sum_j w_j k_j`` (``base=None``: without it), one fused multiply-add per
-    non-zero weight; the first creates the output, the others accumulate into it in place."""
+def combine(base: Optional[Tensor], ks: Sequence[Tensor], weights, dt=1.0) -> Tensor:
+    """``base + dt * sum_j w_j k_j`` (``base=None``: without it). ``weights`` and ``dt`` are
+    Python floats (eager: one fused ``add(alpha=dt w_j)`` per non-zero weight, accumulated in
+    place) or 0-dim tensors (a compiled step: ``addcmul``, whose graph does not change with
+    their values)."""
     out = None
     for k, w in zip(ks, weights):
-        if w == 0.0:
+        if not isinstance(w, Tensor) and w == 0.0:
             continue
-        if out is None:
-            out = torch.mul(k, dt * w) if base is None else torch.add(base, k, alpha=dt * w)
+        alpha = dt * w
+        if isinstance(alpha, Tensor):
+            out = (k * alpha if base is None else torch.addcmul(base, k, alpha)) if out is None \
+                else torch.addcmul(out, k, alpha)
+        elif out is None:
+            out = torch.mul(k, alpha) if base is None else torch.add(base, k, alpha=alpha)
         else:
-            out.add_(k, alpha=dt * w)
+            out.add_(k, alpha=alpha)
     if out is None:
         return torch.zeros_like(ks[0]) if base is None else base.clone()
     return out
 
 
-def rk_step(g, tableau: Tableau, z: Tensor, k1: Tensor, t: float, dt: float):
+def rk_step(g, tableau: Tableau, z: Tensor, k1: Tensor, t, dt):
     """One step of ``tableau`` from ``(t, z)`` with ``k1 = g(t, z)``: ``(z_new, g(z_new), err, stages, ks)``
-    (``g(z_new)`` is the last stage for FSAL methods, one more evaluation otherwise)."""
+    (``g(z_new)`` is the last stage for FSAL methods, one more evaluation otherwise). ``t`` and
+    ``dt`` are floats, or 0-dim tensors in a compiled step."""
     ks, stages = [k1], [z]
     for c, row in zip(tableau.c, tableau.a):
         stage = combine(z, ks, row, dt)
@@ -88,21 +97,63 @@ def _flat(x: Tensor) -> Tensor:
     return _wide(x).reshape(x.shape[0], -1)
 
 
+def _time_dtype(z: Tensor) -> torch.dtype:
+    return torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
+
+
+def _rk_body(g, tableau: Tableau, z: Tensor, k1: Tensor, td, satol: float, srtol: float, estimate: bool):
+    """An RK step with what the host reads of it: ``(z_new, g(z_new), error ratio[, moments])``
+    (the spectral moments of `spectral_moments` when ``estimate``). ``td = (t, dt)``: floats, or
+    a 2-element tensor in a compiled step."""
+    z_new, gz_new, err, stages, ks = rk_step(g, tableau, z, k1, td[0], td[1])
+    ratio = error_ratio(_wide(err), _wide(z), _wide(z_new), satol, srtol)
+    if not estimate:
+        return z_new, gz_new, ratio
+    pairs = [(_flat(stages[-1]) - _flat(stages[-2]), _flat(ks[-1]) - _flat(ks[-2])),
+             (_flat(stages[1]) - _flat(stages[0]), _flat(ks[1]) - _flat(ks[0]))]
+    return z_new, gz_new, ratio, spectral_moments(pairs)
+
+
 class _TimeStepper(SteadyStateSolver):
-    """What the time-stepping families share: step tolerances and the controller's options."""
+    """What the time-stepping families share: step tolerances, the controller's options, and
+    the compiled step."""
 
     def __init__(self, step_tol_factor: float, min_step_tol: float, max_step: float, stall_time: float,
-                 **loop_options):
+                 compile: bool, **loop_options):
         super().__init__(**loop_options)
         # small accurate steps on a rotation see no new lowest residual for a good part of a period
         self.stall_time = positive_float("stall_time", stall_time)
         self.step_tol_factor = positive_float("step_tol_factor", step_tol_factor)
         self.min_step_tol = positive_float("min_step_tol", min_step_tol)
         self.max_step = float_in("max_step", max_step, 0.0, math.inf)  # inf: no bound
+        self.compile = boolean("compile", compile)
 
     def _step_tolerances(self, options: SolveOptions) -> Tuple[float, float]:
         return (max(options.atol * self.step_tol_factor, self.min_step_tol),
                 max(options.rtol * self.step_tol_factor, self.min_step_tol))
+
+    def _compiled(self, name: str, fn) -> Optional[CompiledStep]:
+        """The solver's compiled ``fn`` (made on first use), ``None`` with ``compile=False``."""
+        if not self.compile:
+            return None
+        steps = self.__dict__.setdefault("_steps", {})
+        if name not in steps:
+            steps[name] = CompiledStep(fn, f"{type(self).__name__} {name}")
+        return steps[name]
+
+    def _numbers(self, z: Tensor, *values: float) -> Tensor:
+        """``values`` (the time, the step, the weights) as one tensor for a compiled step: one
+        operation, and the graph does not change with them."""
+        return torch.tensor(values, dtype=_time_dtype(z), device=z.device)
+
+
+class RKControl(NamedTuple):
+    """A Runge-Kutta solve's step control: the next step, the stability state, and the batch
+    the compiled step runs on (per-sample termination shrinks it: the rest run eagerly)."""
+
+    dt: float
+    stability: Stability
+    batch: int
 
 
 class ODESteadyStateSolver(_TimeStepper):
@@ -129,14 +180,21 @@ class ODESteadyStateSolver(_TimeStepper):
         stall_time: a stall also needs this much time without progress. Default ``10.0``: more
             than a period of a rotation at ``|lambda| = 1``, the time scale of a DEQ's
             ``g = f - z``, within which a spiral's scaled residual need not reach a new low.
+        compile: run each adaptive step (its stages with their evaluations of ``g``, the
+            combinations, the error ratio and the eigenvalue moments) as one ``torch.compile``d
+            body (see ``_compile``). Default ``False``: compiling costs about 10 s per state
+            shape, dtype and step variant on a CPU, more than a short training run saves (at
+            the paper's size a step saves a fraction of a millisecond; see
+            ``docs/benchmarks.md``); worth it for long runs at a fixed shape. Falls back to
+            eager, with one warning, where compilation is unavailable.
         **loop_options: ``stall_patience``, ``divergence_factor``, ``per_sample``: the solve
             loop's tests (`SteadyStateSolver`).
     """
 
     def __init__(self, stepper: Union[str, nn.Module] = "tsit5", step_tol_factor: float = 1.0,
                  min_step_tol: float = 1e-6, max_step: float = math.inf, step_size: float = 1.0,
-                 stall_time: float = 10.0, **loop_options):
-        super().__init__(step_tol_factor, min_step_tol, max_step, stall_time, **loop_options)
+                 stall_time: float = 10.0, compile: bool = False, **loop_options):
+        super().__init__(step_tol_factor, min_step_tol, max_step, stall_time, compile, **loop_options)
         self.step_size = positive_float("step_size", step_size)
         if isinstance(stepper, str):
             if stepper not in SOLVER_DICT:
@@ -148,6 +206,9 @@ class ODESteadyStateSolver(_TimeStepper):
                 raise TypeError(f"adaptive stepper {type(stepper).__name__} has no (c, a, b, b_err) tableau")
         else:
             raise TypeError(f"stepper must be a torchdyn solver name or stepper instance, got {stepper!r}")
+        if self.compile and self._tableau is None:
+            raise ValueError(f"compile=True needs an adaptive stepper with a tableau (tsit5, dopri5), got {stepper!r}: "
+                             "fixed-step torchdyn steppers run through torchdyn's own step")
         self.stepper = stepper
         self._fixed_of = {}
         if self._tableau is not None:
@@ -169,32 +230,35 @@ class ODESteadyStateSolver(_TimeStepper):
 
     def init(self, g, z0, gz0, options):
         if not self.adaptive:
-            return State(z0, gz0, 0.0, control=(self.step_size,))
+            return State(z0, gz0, 0.0, control=self.step_size)
         satol, srtol = self._step_tolerances(options)
         dt = min(float(first_step(_wide(gz0), _wide(z0), satol, srtol, self._tableau.order)), self.max_step)
-        return State(z0, gz0, 0.0, control=(dt, math.inf, STALE))
+        return State(z0, gz0, 0.0, control=RKControl(dt, self._control.start(), z0.shape[0]))
 
     def propose(self, g, state, options):
-        dt = state.control[0]
         if not self.adaptive:
+            dt = state.control
             t = torch.full((), state.t, dtype=state.z.dtype, device=state.z.device)
             z_new = self._fixed_stepper(state.z).step(g, state.z, t, dt, k1=state.gz)[1]
             return Proposal(z_new, g(state.t + dt, z_new), state.t + dt)
-        z_new, gz_new, err, stages, ks = rk_step(g, self._tableau, state.z, state.gz, state.t, dt)
+        control = state.control
         satol, srtol = self._step_tolerances(options)
-        signals = (error_ratio(_wide(err), _wide(state.z), _wide(z_new), satol, srtol),)
-        if self._control.wants_estimate(dt, *state.control[1:]):
-            pairs = [(_flat(stages[-1]) - _flat(stages[-2]), _flat(ks[-1]) - _flat(ks[-2])),
-                     (_flat(stages[1]) - _flat(stages[0]), _flat(ks[1]) - _flat(ks[0]))]
-            signals += (spectral_moments(pairs),)
-        return Proposal(z_new, gz_new, state.t + dt, signals=signals)
+        estimate = self._control.wants_estimate(control.dt, control.stability)
+        step = self._compiled("step", _rk_body)
+        if step is not None and state.z.shape[0] == control.batch:
+            td = self._numbers(state.z, state.t, control.dt)
+            out = step(estimate, g, self._tableau, state.z, state.gz, td, satol, srtol, estimate,
+                       evaluations=(g, self._tableau.evaluations))
+        else:
+            out = _rk_body(g, self._tableau, state.z, state.gz, (state.t, control.dt), satol, srtol, estimate)
+        return Proposal(out[0], out[1], state.t + control.dt, signals=out[2:])
 
     def decide(self, g, state, proposal, signals, options):
         if not self.adaptive:
             return State(proposal.z, proposal.gz, proposal.t, control=state.control), True
-        dt, ratio = state.control[0], signals[0]
-        limit, age = self._control.refresh(*state.control[1:], signals[1:])
-        control = (self._control.next_step(dt, ratio, limit), limit, age)
+        control, ratio = state.control, signals[0]
+        stability = self._control.refresh(control.stability, signals[1:])
+        control = RKControl(self._control.next_step(control.dt, ratio, stability.limit), stability, control.batch)
         if ratio <= 1:  # False for NaN
             return State(proposal.z, proposal.gz, proposal.t, control=control), True
         return State(state.z, state.gz, state.t, control=control), False
@@ -232,6 +296,46 @@ def _ab3_region() -> StabilityRegion:
     return StabilityRegion.adams_bashforth3()
 
 
+class VCAB3Memory(NamedTuple):
+    """VCAB3's history (tensors with a leading batch dimension): the last three evaluations of
+    ``g``, newest first, and the secants ``(z_{n+1} - z_n, g_{n+1} - g_n)`` of the last two steps
+    (the eigenvalue estimates' pairs)."""
+
+    evals: List[Tensor]
+    secants: List[Tuple[Tensor, Tensor]]
+
+
+class VCAB3Control(NamedTuple):
+    """VCAB3's step control: the next step, the times of the evaluations in memory (newest
+    first), the stability state, and the batch the compiled step runs on."""
+
+    dt: float
+    times: Tuple[float, ...]
+    stability: Stability
+    batch: int
+
+
+def _ab_body(z: Tensor, evals: Sequence[Tensor], weights, satol: float, srtol: float,
+             secants: Sequence[Tuple[Tensor, Tensor]], estimate: bool):
+    """An Adams-Bashforth step with its error ratio: ``(z_new, ratio[, moments])``. ``weights``:
+    the step's weights then their difference to the lower order's, floats or one tensor."""
+    n = len(evals)
+    z_new = combine(z, evals, weights[:n])
+    err = combine(None, evals, weights[n:])
+    ratio = error_ratio(_wide(err), _wide(z), _wide(z_new), satol, srtol)
+    if not estimate:
+        return z_new, ratio
+    pairs = [(_flat(dz), _flat(dg)) for dz, dg in secants]
+    return z_new, ratio, spectral_moments((pairs + pairs)[:2])
+
+
+def _ab_accept(g, t, z_new: Tensor, z: Tensor, g_old: Tensor):
+    """The evaluation at an accepted point and the step's secant: ``(g(z_new), dz, dg)``; ``t`` a
+    float, or a 1-element tensor in a compiled step."""
+    gz = g(t[0] if isinstance(t, Tensor) else t, z_new)
+    return gz, z_new - z, gz - g_old
+
+
 class VCAB3(_TimeStepper):
     """Variable-step Adams-Bashforth 3 with error control, integrated to steady state.
 
@@ -249,51 +353,67 @@ class VCAB3(_TimeStepper):
         max_factor: largest step growth per step. Default ``2.0``: the Adams weights are
             accurate for nearby nodes; a larger jump extrapolates the history too far.
         stall_time: as for `ODESteadyStateSolver`. Default ``10.0``.
+        compile: compile the step (the combination, error ratio and eigenvalue moments) and the
+            evaluation at an accepted point, once the history is full, as for
+            `ODESteadyStateSolver`. Default ``False``, for the same reason and one more: VCAB3's
+            step is a few dozen small operations besides its one evaluation, about what a
+            compiled call costs by itself (its guards), so at the paper's size it gains
+            nothing (``benchmarks/results/overhead.md``).
         **loop_options: ``stall_patience``, ``divergence_factor``, ``per_sample``: the solve
             loop's tests (`SteadyStateSolver`).
     """
 
     def __init__(self, step_tol_factor: float = 1.0, min_step_tol: float = 1e-6, max_step: float = math.inf,
-                 max_factor: float = 2.0, stall_time: float = 10.0, **loop_options):
-        super().__init__(step_tol_factor, min_step_tol, max_step, stall_time, **loop_options)
+                 max_factor: float = 2.0, stall_time: float = 10.0, compile: bool = False, **loop_options):
+        super().__init__(step_tol_factor, min_step_tol, max_step, stall_time, compile, **loop_options)
         self.max_factor = float_in("max_factor", max_factor, 1.0, math.inf, high_open=True)
         self._control = StepController(3, _ab3_region(), max_factor=self.max_factor, max_step=self.max_step)
 
     def init(self, g, z0, gz0, options):
         satol, srtol = self._step_tolerances(options)
         dt = min(float(first_step(_wide(gz0), _wide(z0), satol, srtol, 1)), self.max_step)
-        return State(z0, gz0, 0.0, memory=([gz0], []), control=(dt, (0.0,), math.inf, STALE))
+        return State(z0, gz0, 0.0, memory=VCAB3Memory([gz0], []),
+                     control=VCAB3Control(dt, (0.0,), self._control.start(), z0.shape[0]))
+
+    def _full(self, state: State) -> bool:
+        """Whether the compiled bodies run: the history is full (the start-up's two steps of
+        lower order stay eager: two more compiles for two steps) and the batch is whole."""
+        return self.compile and len(state.memory.evals) == 3 and state.z.shape[0] == state.control.batch
 
     def propose(self, g, state, options):
         evals, secants = state.memory
-        dt, times = state.control[:2]
-        nodes = [s - state.t for s in times]
-        w = adams_bashforth_weights(nodes, dt)
-        z_new = combine(state.z, evals, w, 1.0)
-        if len(evals) > 1:
-            w_low = adams_bashforth_weights(nodes[:-1], dt) + [0.0]
-            err = combine(None, evals, [wi - wl for wi, wl in zip(w, w_low)], 1.0)
-            satol, srtol = self._step_tolerances(options)
-            ratio = error_ratio(_wide(err), _wide(state.z), _wide(z_new), satol, srtol)
-            if not self._control.wants_estimate(dt, *state.control[2:]):
-                return Proposal(z_new, None, state.t + dt, signals=(ratio,))
-            pairs = [(_flat(dz), _flat(dg)) for dz, dg in secants]
-            return Proposal(z_new, None, state.t + dt, signals=(ratio, spectral_moments((pairs + pairs)[:2])))
-        # the Euler start: no error estimate yet
-        return Proposal(z_new, None, state.t + dt, signals=(torch.tensor(-1.0, device=state.z.device),))
+        control = state.control
+        if len(evals) == 1:  # the Euler start: no error estimate yet, nothing for the host to read
+            return Proposal(combine(state.z, evals, [control.dt]), None, state.t + control.dt)
+        nodes = [s - state.t for s in control.times]
+        w = adams_bashforth_weights(nodes, control.dt)
+        w_low = adams_bashforth_weights(nodes[:-1], control.dt) + [0.0]
+        weights = w + [wi - wl for wi, wl in zip(w, w_low)]
+        satol, srtol = self._step_tolerances(options)
+        estimate = self._control.wants_estimate(control.dt, control.stability)
+        if self._full(state):
+            out = self._compiled("step", _ab_body)(
+                estimate, state.z, evals, self._numbers(state.z, *weights), satol, srtol, secants, estimate)
+        else:
+            out = _ab_body(state.z, evals, weights, satol, srtol, secants, estimate)
+        return Proposal(out[0], None, state.t + control.dt, signals=out[1:])
 
     def decide(self, g, state, proposal, signals, options):
-        ratio = signals[0]
         evals, secants = state.memory
-        dt, times = state.control[:2]
-        limit, age = self._control.refresh(*state.control[2:], signals[1:])
-        if ratio < 0:  # the Euler start keeps its guessed step
-            ratio, next_dt = 0.0, dt
+        control = state.control
+        stability = self._control.refresh(control.stability, signals[1:])
+        if len(evals) == 1:  # the Euler start keeps its guessed step
+            ratio, next_dt = 0.0, control.dt
         else:
-            next_dt = self._control.next_step(dt, ratio, limit, order=len(evals))
+            ratio = signals[0]
+            next_dt = self._control.next_step(control.dt, ratio, stability.limit, order=len(evals))
         if not ratio <= 1:
-            return State(state.z, state.gz, state.t, state.memory, (next_dt, times, limit, age)), False
-        gz = g(proposal.t, proposal.z)
-        # the secants of the last two steps, (z_{n+1} - z_n, g_{n+1} - g_n): the eigenvalue estimates' pairs
-        memory = ([gz] + evals[:2], [(proposal.z - state.z, gz - evals[0])] + secants[:1])
-        return State(proposal.z, gz, proposal.t, memory, (next_dt, (proposal.t,) + times[:2], limit, age)), True
+            return State(state.z, state.gz, state.t, state.memory, control._replace(dt=next_dt, stability=stability)), False
+        if self._full(state):
+            gz, dz, dg = self._compiled("accept", _ab_accept)(None, g, self._numbers(state.z, proposal.t), proposal.z,
+                                                              state.z, evals[0], evaluations=(g, 1))
+        else:
+            gz, dz, dg = _ab_accept(g, proposal.t, proposal.z, state.z, evals[0])
+        memory = VCAB3Memory([gz] + evals[:2], [(dz, dg)] + secants[:1])
+        control = VCAB3Control(next_dt, (proposal.t,) + control.times[:2], stability, control.batch)
+        return State(proposal.z, gz, proposal.t, memory, control), True

@@ -21,7 +21,7 @@ divergence test reports it.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -153,6 +153,14 @@ def ritz_values(moments: Sequence[float]) -> Tuple[complex, complex]:
     return (trace / 2 + root, trace / 2 - root)
 
 
+class Stability(NamedTuple):
+    """The controller's stability state between steps: the latest limit ``h_stable`` and the
+    number of steps since it was estimated."""
+
+    limit: float
+    age: int
+
+
 class StepController:
     """Error control with a stability limit, for every adaptive steady-state solver.
 
@@ -187,15 +195,19 @@ class StepController:
             return math.inf
         return self.region.step_limit(ritz_values(moments), moments[8], self.stability_safety)
 
-    def wants_estimate(self, dt: float, limit: float, age: int) -> bool:
+    def start(self) -> Stability:
+        """The stability state before any estimate: no limit, and due for an estimate."""
+        return Stability(math.inf, STALE)
+
+    def wants_estimate(self, dt: float, stability: Stability) -> bool:
         """Whether the next step should estimate the eigenvalues again: when the step is within
         ``REACH`` of the last limit (the limit may bind), or that estimate is ``STALE`` steps old.
         A transient whose steps are far below the limit, set by accuracy, skips the estimate."""
-        return self.region is not None and (dt > REACH * limit or age >= STALE)
+        return self.region is not None and (dt > REACH * stability.limit or stability.age >= STALE)
 
-    def refresh(self, limit: float, age: int, moments: Sequence[float]) -> Tuple[float, int]:
-        """``(limit, age)`` after a step that did (``moments``) or did not (empty) estimate."""
-        return (self.stable_step(moments), 0) if moments else (limit, age + 1)
+    def refresh(self, stability: Stability, moments: Sequence[float]) -> Stability:
+        """The stability state after a step that did (``moments``) or did not (empty) estimate."""
+        return Stability(self.stable_step(moments), 0) if moments else Stability(stability.limit, stability.age + 1)
 
     def next_step(self, dt: float, ratio: float, stable: float, order: Optional[int] = None) -> float:
         """The next step after a step ``dt`` with error ratio ``ratio`` and stability limit

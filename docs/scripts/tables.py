@@ -228,11 +228,12 @@ def overhead() -> str:
     """The solvers' own cost over the network's, per size and solver."""
     data = load("overhead")
     table = markdown_table(
-        ("size", "solver", "NFE", "forward / (NFE x g)", "backward / (iters x VJP + full VJP)"),
-        [(r["size"], r["solver"], r["nfe"], f"{r['forward_overhead']:.2f}", f"{r['backward_overhead']:.2f}")
-         for r in data["rows"]], align="llrrr")
+        ("size", "solver", "mode", "NFE", "forward / (NFE x g)", "backward / (iters x VJP + full VJP)", "compile (s)"),
+        [(r["size"], r["solver"], r.get("mode", "eager"), r["nfe"], f"{r['forward_overhead']:.2f}",
+          f"{r['backward_overhead']:.2f}", f"{r['compile_s']:.0f}" if r.get("mode") == "compiled" else "")
+         for r in data["rows"]], align="lllrrrr")
     return (f"{table}\n\n`{command(data['command'])}`, {data['machine']['torch_threads']} torch thread(s): 1.0 is "
-            "the network alone. All columns: "
+            "the network alone (eager); compiled: `compile=True`, its first solve's extra time. All columns: "
             f"[`benchmarks/results/overhead.md`]({REPO_URL}/benchmarks/results/overhead.md).\n")
 
 

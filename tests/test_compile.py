@@ -1,0 +1,165 @@
+"""The compiled step path: the same results as eager, one compile per shape and dtype, and an
+eager fallback with one warning. Slow: each new graph compiles for several seconds."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import torchdyn_deq as td
+from conftest import TanhLayer
+from torchdyn_deq import _compile
+from torchdyn_deq._compile import CompileFallbackWarning, CompiledStep, compiles
+
+pytestmark = pytest.mark.slow
+
+
+class Layer(nn.Module):
+    """f(z, x) = tanh(l2(tanh(l1(z))) + x): the MNIST layer, small."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, z, x):
+        return torch.tanh(self.l2(torch.tanh(self.l1(z))) + x)
+
+
+def _pair(solver, layer, **kwargs):
+    options = dict(solver=solver, atol=1e-4, rtol=1e-4, state_shape=(16,), **kwargs)
+    return td.DEQ(layer, **options), td.DEQ(layer, compile=True, **options)
+
+
+@pytest.mark.parametrize("solver", ["tsit5", "vcab3"])
+def test_compiled_equals_eager_and_compiles_once_per_shape(solver):
+    layer = Layer().double()  # float64: equal to rounding, not to the float32 path's tolerance-level drift
+    eager, compiled = _pair(solver, layer)
+    x = torch.randn(8, 16, dtype=torch.float64)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        z_eager, z_compiled = eager(x)[1][-1], compiled(x)[1][-1]
+        # the same steps and evaluations, counted on the record and on the model alike
+        assert (compiled.solution.nfe, compiled.solution.steps_accepted, compiled.solution.steps_rejected) == \
+            (eager.solution.nfe, eager.solution.steps_accepted, eager.solution.steps_rejected)
+        assert compiled.vf.nfe == eager.vf.nfe == eager.solution.nfe
+        torch.testing.assert_close(z_compiled, z_eager, rtol=1e-10, atol=1e-12)
+        assert compiled.solution.converged
+        after_first = compiles()
+        for _ in range(3):  # new inputs of the same shape, a new model on the same solver family
+            compiled(torch.randn(8, 16, dtype=torch.float64))
+        td.DEQ(Layer().double(), solver=solver, atol=1e-4, rtol=1e-4, state_shape=(16,), compile=True)(
+            torch.randn(8, 16, dtype=torch.float64))
+        # the first solve may not have visited every variant (with / without an eigenvalue estimate)
+        settled = compiles()
+        assert settled - after_first <= 2
+        for _ in range(3):
+            compiled(torch.randn(8, 16, dtype=torch.float64))
+        assert compiles() == settled  # no recompilation per step or per solve
+        compiled(torch.randn(5, 16, dtype=torch.float64))  # a new batch size compiles once, then is cached
+        resized = compiles()
+        assert resized > settled
+        compiled(torch.randn(5, 16, dtype=torch.float64))
+        compiled(torch.randn(5, 16, dtype=torch.float64))
+        assert compiles() == resized
+    assert not any(step.failed for step in compiled.solver._steps.values())
+
+
+def test_python_state_in_the_body_falls_back_with_one_warning():
+    class Scale:  # a Python number the graph reads and that changes every call: a recompile per call
+        k = 0
+
+    def body(x):
+        Scale.k += 1
+        return x * Scale.k
+
+    step = CompiledStep(body, "test")
+    x = torch.ones(3)
+    with pytest.warns(CompileFallbackWarning, match="recompiles") as record:
+        outs = [step(None, x) for _ in range(6)]
+    assert len([w for w in record if issubclass(w.category, CompileFallbackWarning)]) == 1
+    assert [float(o[0]) for o in outs] == [1, 2, 3, 4, 5, 6]  # the same values compiled or eager
+    assert step.failed
+
+
+def test_compilation_failure_falls_back_with_one_warning(monkeypatch):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(_compile, "_COMPILED", {})
+    monkeypatch.setattr(_compile, "_counting_backend", broken)
+    eager, compiled = _pair("tsit5", Layer())
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        with pytest.warns(CompileFallbackWarning, match="compilation failed") as record:
+            z = compiled(x)[1][-1]
+            compiled(x)
+        torch.testing.assert_close(z, eager(x)[1][-1])
+    assert len([w for w in record if issubclass(w.category, CompileFallbackWarning)]) == 1
+
+
+def test_an_error_of_the_field_is_raised_not_swallowed():
+    def field(x):
+        raise ValueError("bad field")
+
+    step = CompiledStep(field, "test")
+    with pytest.raises(ValueError, match="bad field"):
+        step(None, torch.ones(2))
+    assert not step.failed
+
+
+def test_compile_option_errors():
+    with pytest.raises(ValueError, match="no compiled step"):
+        td.DEQ(Layer(), solver="anderson", compile=True)
+    with pytest.raises(ValueError, match="compile=True needs an adaptive stepper"):
+        td.ODESteadyStateSolver("euler", compile=True)
+    with pytest.raises(TypeError, match="compile"):
+        td.VCAB3(compile="yes")
+    solver = td.VCAB3()
+    model = td.DEQ(Layer(), solver=solver, compile=True)
+    assert model.solver.compile and not solver.compile  # the user's instance is left as it was
+    assert td.DEQ(Layer(), solver=solver).solver is solver
+
+
+def test_per_sample_termination_runs_the_shrunk_batch_eagerly():
+    layer = Layer().double()
+    solver = td.ODESteadyStateSolver(per_sample=True, compile=True)
+    eager = td.DEQ(layer, solver=td.ODESteadyStateSolver(per_sample=True), atol=1e-4, rtol=1e-4, state_shape=(16,))
+    compiled = td.DEQ(layer, solver=solver, atol=1e-4, rtol=1e-4, state_shape=(16,))
+    x = torch.cat([torch.zeros(3, 16), 3 * torch.randn(5, 16)]).double()  # some samples converge sooner
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x)[1][-1], eager(x)[1][-1], rtol=1e-10, atol=1e-12)
+    assert compiled.solution.nfe == eager.solution.nfe and compiled.solution.converged
+
+
+# the gradient tests in the compiled mode: a representative subset of test_gradients.py
+TIGHT = dict(atol=1e-12, rtol=1e-12, max_steps=1000)
+
+
+def test_gradcheck_compiled(layer, solver="tsit5"):  # VCAB3's compiled forward: test_compiled_equals_eager
+    from test_gradients import functional
+
+    model = td.DEQ(layer, solver=solver, state_shape=(3,), compile=True,
+                   sensitivity=td.SteadyStateSensitivity(td.GMRES(rtol=1e-12, atol=1e-14)), **TIGHT)
+    x = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in model.named_parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        assert torch.autograd.gradcheck(functional(model, names), (x, *model.parameters()), eps=1e-6, atol=1e-6,
+                                        rtol=1e-5)
+    assert model.solution.converged
+
+
+def test_implicit_matches_backprop_through_the_compiled_solver():
+    layer = TanhLayer(d=6, m=4)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(5, 6, dtype=torch.float64)
+    grads = {}
+    for sens in ("steady_state", "autograd"):
+        model = td.DEQ(layer, solver="tsit5", state_shape=(6,), sensitivity=sens, atol=1e-10, rtol=1e-10,
+                       rtol_adjoint=1e-12, max_steps=1000, compile=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CompileFallbackWarning)
+            z = model(x)[1][-1]
+            grads[sens] = torch.autograd.grad((v * z).sum(), (x, *layer.parameters()))
+    for a, b in zip(grads["steady_state"], grads["autograd"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
