@@ -10,24 +10,35 @@ import torchdyn_deq as td
 import zoo
 
 torch.set_num_threads(1)
+# the default rule in the quick suite; the other two (each the whole zoo again) in the slow one (CI)
+RULES = ["per_sample"] + [pytest.param(r, marks=pytest.mark.slow) for r in zoo.TERMINATIONS if r != "per_sample"]
 CASES = zoo.cases()
+NO_EQUILIBRIUM = zoo.no_equilibrium_cases()
 # known limits, each a real property of the method, not of the loop:
 LIMITS = {
     # AB3's stability interval is 6/11 on the real axis: 100x stiffness needs > 2000 steps at 1e-6
     ("linear, real spectrum, condition 100", "vcab3"): {"max_steps"},
     # a third-order method at 1e-6 on ~1000 time units of a barely damped rotation
     ("linear spiral, damping 0.01", "vcab3"): {"max_steps"},
-    # Anderson(5) on a fixed-point map whose Jacobian has eigenvalues down to -99
-    ("linear, real spectrum, condition 100", "anderson"): {"stalled"},
+    # Anderson(5) on a fixed-point map whose Jacobian has eigenvalues down to -99 (rho(df/dz) = 99:
+    # 'diverged' names it, "f must be contractive")
+    ("linear, real spectrum, condition 100", "anderson"): {"stalled", "diverged"},
     # one sample's slowest mode decays by < 1% per 10 time units at random init
     ("MDEQ layer (GroupNorm), 2 branches", "vcab3"): {"converged", "stalled"},
+    # the stricter rules (no atol in one batch norm; the worst element) ask Anderson(5) for residuals its
+    # history cannot reach on this map (rho(df/dz) = 1.4-1.8): a stall, the same under every perturbation
+    ("MDEQ layer (GroupNorm), 2 branches", "anderson", "elementwise"): {"stalled"},
+    ("MDEQ layer (GroupNorm), 2 branches", "anderson", "batch_relative"): {"stalled"},
+    # Broyden on a pure rotation (s^T B y = 0 for B = -I: the bad update) sits on an edge: 14-77 NFE or
+    # a stall under 1e-6 perturbations of x. Not fixed (a restart of B made it worse)
+    ("rotation centre: dz/dt = R z + x", "broyden"): {"converged", "stalled"},
 }
 # NFE bound against torchdyn's tsit5 to the same time: tsit5 / dopri5 at 1.5x; VCAB3 (one
 # evaluation per step, third order) at 2.5x
 NFE_FACTOR = {"tsit5": 1.5, "dopri5": 1.5, "vcab3": 2.5}
 
 
-@pytest.mark.parametrize("termination", zoo.TERMINATIONS)
+@pytest.mark.parametrize("termination", RULES)
 @pytest.mark.parametrize("solver", zoo.SOLVERS)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_zoo(case, solver, termination):
@@ -48,6 +59,25 @@ def test_zoo(case, solver, termination):
         assert out.nfe <= NFE_FACTOR[solver] * reference + 10, (out.nfe, reference)
 
 
+PERTURBED = [(zoo.perturbed(c), s) for c in CASES for s in zoo.SOLVERS]
+PERTURBED += [(zoo.perturbed(c), s) for c in NO_EQUILIBRIUM for s in zoo.FAMILIES]
+
+
+# the root solvers (where the edges were) in the quick suite, the time-steppers in the slow one
+PERTURBED = [pytest.param(c, s, id=f"{c.name}-{s}", marks=() if s in zoo.DISCRETE else pytest.mark.slow)
+             for c, s in PERTURBED]
+
+
+@pytest.mark.parametrize("case, solver", PERTURBED)
+def test_no_outcome_flips_under_a_1e6_perturbation_of_the_input(case, solver):
+    """Each case again with x perturbed by 1e-6 relative: a solver on an edge (Anderson on the MDEQ
+    layer stalled at 1.98 on one CPU, converged on another) flips here on any machine."""
+    out = zoo.run(case, solver)
+    expected = LIMITS.get((case.name.split(" (x perturbed")[0], solver), case.expected(solver))
+    expected = {expected} if isinstance(expected, str) else expected
+    assert out.result in expected, (out, expected)
+
+
 @pytest.mark.parametrize("solver", ["tsit5", "dopri5", "vcab3"])
 def test_the_lightly_damped_spiral_within_1_5x_of_torchdyn(solver):
     """f(z, x) = z + z M^T + x, eigenvalues of dg/dz -0.1 +- i, at the default tolerance 1e-3:
@@ -64,10 +94,9 @@ def test_the_lightly_damped_spiral_within_1_5x_of_torchdyn(solver):
     assert sol.nfe <= 1.5 * reference, (sol.nfe, reference)
 
 
-NO_EQUILIBRIUM = zoo.no_equilibrium_cases()
 
 
-@pytest.mark.parametrize("termination", zoo.TERMINATIONS)
+@pytest.mark.parametrize("termination", RULES)
 @pytest.mark.parametrize("solver", zoo.FAMILIES)
 @pytest.mark.parametrize("case", NO_EQUILIBRIUM, ids=[c.name for c in NO_EQUILIBRIUM])
 def test_no_equilibrium_is_never_converged(case, solver, termination):

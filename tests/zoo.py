@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -213,6 +213,13 @@ def no_equilibrium_cases() -> List[Case]:
                     expect={**{s: {"stalled", "diverged"} for s in FAMILIES},
                             **{s: "diverged" for s in ("fixed_point", "anderson", "broyden")}}))  # at t = 0: g = b
     return out
+
+
+def perturbed(case: Case, rel: float = 1e-6) -> Case:
+    """``case`` with its input ``x`` perturbed by ``rel`` relative, element by element (a fixed sign
+    pattern): an outcome that flips under it depends on the machine's rounding."""
+    sign = torch.randn(case.x.shape, generator=torch.Generator().manual_seed(99)).sign().to(case.x.dtype)
+    return replace(case, name=case.name + f" (x perturbed {rel:g})", x=case.x * (1 + rel * sign))
 
 
 @dataclass

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -191,6 +191,30 @@ class SteadyStateSolver:
         return f"{type(self).__name__}({opts})"
 
 
+class Signals(NamedTuple):
+    """What the loop reads on the host about one measured iterate, in the step's one
+    synchronisation: the worst best residual over the open samples, ``max |z|``, and on checks
+    (every ``CHECK_EVERY`` accepted iterates) the progress ratio and the residual's rise."""
+
+    worst: float
+    size: float
+    progress: Optional[float] = None
+    rise: Optional[float] = None
+
+
+def _host_read(*groups: Sequence[Tensor]) -> List[List[float]]:
+    """One host synchronisation for every group of tensors (0-dim or 1-dim), split back per group
+    by their sizes (metadata, no sync)."""
+    flat = [p.reshape(-1) for group in groups for p in group]
+    values = torch.cat(flat).tolist() if flat else []
+    out, i = [], 0
+    for group in groups:
+        n = sum(p.numel() for p in group)
+        out.append(values[i:i + n])
+        i += n
+    return out
+
+
 @dataclass
 class _Measure:
     """The stop-test quantities of one iterate, as tensors (read on the host in the step's sync)."""
@@ -201,7 +225,10 @@ class _Measure:
     credit: Tensor  # the growth credit (`_Tracker.measure`)
     speed: Tensor  # nu, the size of g
     tolerance: Tensor  # sigma, the size of the tolerance
-    host: Tuple[Tensor, ...]  # worst best residual; on checks also max |z| and (progress ratio, residual rise)
+    host: Tuple[Tensor, ...]  # the tensors of its `Signals`: worst best residual, max |z|, on checks (progress, rise)
+
+    def signals(self, values: Sequence[float]) -> Signals:
+        return Signals(*values)
 
 
 class _Tracker:
@@ -272,21 +299,23 @@ class _Tracker:
         best = self._sub(self.best_res)
         new_best = torch.minimum(best, res)
         worst = new_best.amax()  # NaN propagates to the host check
+        # max |z| every iterate: a state beyond the divergence bound is never converged (a residual
+        # f(z) - z that rounds to 0 on a huge z met every rule)
+        size = _wide(z).abs().amax()
         # a check every CHECK_EVERY accepted iterates (and the first): counted on accepted ones, so
         # rejected proposals never take a check's place
         if self.checked and self.unchecked < CHECK_EVERY - 1:
-            return _Measure(z, res, rule_res, credit, nu, sigma, (worst,))
+            return _Measure(z, res, rule_res, credit, nu, sigma, (worst, size))
         # progress: the best residuals (improvements between checks count) over those at the start of
         # the stretch; rise: the residual over the best. Converged samples get a 0 in the denominators,
         # so x / 0 = inf (0 / 0 = NaN, made inf) leaves them out of the minima
         open_best = torch.where(best > 1, best, 0.0)
         ratios = torch.stack([new_best / self._sub(self.reference_open), res / open_best])
-        return _Measure(z, res, rule_res, credit, nu, sigma,
-                        (worst, _wide(z).abs().amax(), ratios.nan_to_num_(math.inf).amin(1)))
+        return _Measure(z, res, rule_res, credit, nu, sigma, (worst, size, ratios.nan_to_num_(math.inf).amin(1)))
 
-    def commit(self, m: _Measure, host: Sequence[float], nfe: int, t: float, accepted: int) -> Optional[Result]:
+    def commit(self, m: _Measure, host: Signals, nfe: int, t: float, accepted: int) -> Optional[Result]:
         """Record an accepted iterate; return the result if the solve ends with it."""
-        worst = host[0]
+        worst = host.worst
         if not math.isfinite(worst):
             raise NonFiniteError(f"non-finite values appeared at step {accepted}, t={t:.4g}: the vector field "
                                  "produced NaN/inf, or the dynamics diverge. " + Result.non_finite.remedy)
@@ -306,14 +335,16 @@ class _Tracker:
         self._keep(accepted, t, m.z)
         self.last = m
         self.unchecked += 1
+        self.growth = host.size / (self.solver.divergence_factor * self.unit)
+        if self.growth > 1:
+            return Result.diverged
         if worst <= 1:
             return Result.converged
-        if len(host) == 1:
+        if host.progress is None:
             return None
         self.checked = True
-        size, progress, rise = host[1:]
-        self.growth = size / (self.solver.divergence_factor * self.unit)
-        if self.growth > 1 or rise > self.solver.divergence_factor:
+        progress, rise = host.progress, host.rise
+        if rise > self.solver.divergence_factor:
             return Result.diverged
         if progress < IMPROVEMENT:  # a new stretch: progress is measured against the best residuals now
             self.stall, self.stall_since = 0, t
@@ -439,13 +470,13 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
     track = _Tracker(z0, gz0, options, solver, nfe_start)
     state = solver.init(count, z0, gz0, options)
     first = track.measure(z0, gz0)
-    host = torch.cat([p.reshape(-1) for p in first.host + (track.image_size,)]).tolist()
-    if not all(map(math.isfinite, host)):
+    host, (image_size,) = _host_read(first.host, (track.image_size,))
+    if not all(map(math.isfinite, host + [image_size])):
         raise NonFiniteError("non-finite values appeared in the vector field at the starting state. "
                              + Result.non_finite.remedy)
-    k = _host_size(first)
-    track.unit = 1.0 + host[1] + host[k]  # 1 + max |z0| (the first measure is a check) + max |f(z0)|
-    result = track.commit(first, host[:k], count.nfe - start, 0.0, 0)
+    signals = first.signals(host)
+    track.unit = 1.0 + signals.size + image_size  # 1 + max |z0| + max |f(z0)|
+    result = track.commit(first, signals, count.nfe - start, 0.0, 0)
     per_sample = (solver.per_sample and track.rule.per_sample and isinstance(g, Field)
                   and not torch.is_grad_enabled())
     accepted = rejected = bad = 0
@@ -453,25 +484,24 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
     while result is None:
         if accepted + rejected >= options.max_steps:
             if pending is not None:
-                result = track.commit(pending, torch.cat([p.reshape(-1) for p in pending.host]).tolist(),
-                                      count.nfe - start, state.t, accepted)
+                result = track.commit(pending, pending.signals(_host_read(pending.host)[0]), count.nfe - start, state.t,
+                                      accepted)
                 pending = None
             if result is None:
                 result = Result.budget if options.budget else Result.diverged if track.running_away else Result.max_steps
             break
         proposal = solver.propose(count, state, options)
         cand = None if proposal.gz is None else track.measure(proposal.z, proposal.gz)
-        parts = (pending.host if pending else ()) + (cand.host if cand else ()) + tuple(proposal.signals)
-        host = torch.cat([p.reshape(-1) for p in parts]).tolist() if parts else []  # the step's one synchronisation
+        # the step's one synchronisation: the pending iterate's signals, the candidate's, the solver's
+        pending_host, cand_host, signals = _host_read(pending.host if pending else (), cand.host if cand else (),
+                                                      proposal.signals)
         if pending is not None:
-            k = _host_size(pending)
-            result, host, measured, pending = track.commit(pending, host[:k], count.nfe - start, state.t, accepted), host[k:], pending, None
+            result, measured, pending = track.commit(pending, pending.signals(pending_host), count.nfe - start, state.t,
+                                                     accepted), pending, None
             if result is not None:
                 break
             if per_sample:
                 state, proposal = _drop_converged(state, proposal, track, count, measured.residual)
-        k = _host_size(cand) if cand else 0
-        cand_host, signals = host[:k], host[k:]
         new, ok = solver.decide(count, state, proposal, signals, options)
         if not ok:
             state, rejected = new, rejected + 1
@@ -482,7 +512,7 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
             continue
         accepted, bad, state = accepted + 1, 0, new
         if cand is not None:
-            result = track.commit(cand, cand_host, count.nfe - start, state.t, accepted)
+            result = track.commit(cand, cand.signals(cand_host), count.nfe - start, state.t, accepted)
         else:
             pending = track.measure(state.z, state.gz)
         if result is None and per_sample and cand is not None:
@@ -496,16 +526,11 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
     return track.finish(z0, state.t, iterations, count.nfe - start, accepted, rejected, result, message)
 
 
-def _host_size(m: _Measure) -> int:
-    """How many host floats a measure contributes to the step's synchronisation."""
-    return sum(p.numel() for p in m.host)
-
-
 def _pick(x, keep: Tensor):
-    """Rows ``keep`` of every tensor in ``x`` (nested tuples / lists); anything else as is."""
+    """Rows ``keep`` of every tensor in ``x`` (nested tuples, named tuples, lists); anything else as is."""
     if isinstance(x, Tensor):
         return x.index_select(0, keep)
-    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a solver's typed state (NamedTuple)
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a typed state record (NamedTuple)
         return type(x)(*(_pick(y, keep) for y in x))
     if isinstance(x, (tuple, list)):
         return type(x)(_pick(y, keep) for y in x)
