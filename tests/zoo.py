@@ -289,6 +289,18 @@ def table() -> str:
     return "\n".join(rows)
 
 
+def no_equilibrium_table() -> str:
+    """Outcome and NFE of every family on the fields without a steady state (none may read 'ok')."""
+    rows = ["| case | " + " | ".join(FAMILIES) + " |", "|---|" + "--:|" * len(FAMILIES)]
+    for case in no_equilibrium_cases():
+        outs = [run(case, s) for s in FAMILIES]
+        rows.append(f"| {case.name} | " + " | ".join(f"{o.nfe} {'ok' if o.result == 'converged' else o.result}"
+                                                     for o in outs) + " |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     print(table())
+    print()
+    print(no_equilibrium_table())
