@@ -152,7 +152,7 @@ def test_inputs_requiring_grad_or_not(x_grad, params_grad):
         z.sum().backward()
         assert (x.grad is not None) == x_grad
         assert all((p.grad is not None) == params_grad for p in layer.parameters())
-        assert model.solution.backward_iters is not None
+        assert model.solution.backward_iters >= 1  # the implicit backward ran a linear solve
 
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
