@@ -285,8 +285,11 @@ def porting_torchdyn_findings() -> str:
             return (f"training stopped at step {r['stopped_at'] + 1} of {r['epochs']} with "
                     f"`{r['error'].split(':')[0]}`; the first message was about "
                     + ("the backward GMRES solve" if "GMRES" in (r["first_message"] or "") else "something else"))
-        return (f"it trained {r['steps_done']} steps, {r['unconverged_forward']} of them with an unconverged forward "
-                f"solve, test accuracy {acc(r)}")
+        test = r["test"]
+        end = ("refused" if test.get("error") else
+               f"reported `{test['result']}` at t = {test['t_reached']:.3g} with max `|z*|` = {test['z_max']:.3g}")
+        return (f"it trained {r['steps_done']} steps, {r['unconverged_forward']} of them with a forward solve "
+                f"reported unconverged, to test accuracy {acc(r)}; the test solve {end}")
 
     lines = []
     for field, inject in (("quickstart", "injection + "), ("cookbook", "")):
