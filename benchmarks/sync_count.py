@@ -45,7 +45,7 @@ from benchmarks import mnist_step
 from benchmarks.harness import RESULTS, machine, markdown_table as write_table, write_results as write_files
 from benchmarks.profile_step import count_syncs as count_conversions
 from torchdyn_deq import ConvergenceWarning
-from torchdyn_deq.experiments.baselines import InjectedNeuralODE
+from torchdyn_deq._baselines import InjectedNeuralODE
 SYNC_TEXT = "synchronizing cuda operation"  # torch's text: "called a synchronizing CUDA operation"
 METHODS = ("DEQ continuous vanilla (tsit5)", "DEQ continuous skip_reg (tsit5)", "DEQ continuous vanilla (vcab3)",
            "DEQ discrete vanilla (anderson)", mnist_step.BASELINE, "torchdeq DEQ (anderson, IFT)")

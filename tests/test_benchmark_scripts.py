@@ -21,3 +21,13 @@ def test_backward_tolerance_errors_shrink_with_the_tolerance(tmp_path):
     assert errors[-1] < errors[0] and all(0 < r["gradient_error"] <= 10 * r["rtol"] for r in rows), rows
     # the total error is the forward tolerance's (5e-3 here): set by it, not by the backward rtol
     assert 0 < min(totals) and max(totals) <= 2 * min(totals) and max(totals) < 0.2, totals
+
+
+def test_doors_writes_a_row_per_door(tmp_path):
+    from benchmarks import doors
+
+    doors.main(["--sizes", "4x8", "--repeats", "1", "--out", str(tmp_path / "doors")])
+    data = json.loads((tmp_path / "doors.json").read_text())
+    assert [r["door"] for r in data["rows"]] == ["DEQ(f)", "InfiniteTimeNeuralODE(vf)", "NeuralODE(vf, 'steady_state')",
+                                                 "odeint_steady_state"]
+    assert data["rows"][0]["ratio"] == 1.0 and all(r["ms"] > 0 for r in data["rows"])

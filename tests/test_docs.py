@@ -102,9 +102,10 @@ def test_code_defaults():
     assert isinstance(deq.initializer, td.ZerosInitializer)
     assert isinstance(deq.solver, td.ODESteadyStateSolver) and deq.solver.stepper == "tsit5"
     assert isinstance(deq.sensitivity, td.SteadyStateSensitivity)
-    assert isinstance(deq.sensitivity.linear_solver, td.GMRES)
-    assert deq.sensitivity.linear_solver.rtol == 1e-3 and deq.sensitivity.linear_solver.atol == 0.0  # the forward tolerance
-    assert td.DEQ(_layer, atol=1e-6, rtol=1e-8).sensitivity.linear_solver.rtol == 1e-6
+    assert deq.sensitivity.linear_solver is None  # derived from the forward tolerance at each solve
+    backward = deq.sensitivity.solver_for(td.SolveOptions(deq.atol, deq.rtol, deq.max_steps))
+    assert isinstance(backward, td.GMRES) and backward.rtol == 1e-3 and backward.atol == 0.0  # the forward tolerance
+    assert td.SteadyStateSensitivity().solver_for(td.SolveOptions(1e-6, 1e-8, 10)).rtol == 1e-6
     node = td.InfiniteTimeNeuralODE(nn.Linear(3, 3))
     assert node.max_steps == 100 and node.atol == 1e-3 and node.rtol == 1e-3
     assert isinstance(node.initializer, td.InputInitializer)
@@ -218,7 +219,7 @@ def test_every_image_exists():
 
 # ---------------------------------------------------------------------------- docstring examples
 DOCTESTED = ["torchdyn_deq._models", "torchdyn_deq._initializers", "torchdyn_deq._regularizers",
-             "torchdyn_deq.multiscale.zoo", "torchdyn_deq.experiments.baselines"]
+             "torchdyn_deq.multiscale.zoo", "torchdyn_deq._baselines"]
 
 
 @pytest.mark.parametrize("module", DOCTESTED)

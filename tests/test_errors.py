@@ -22,7 +22,7 @@ import torchdyn_deq as td
     ({"on_failure": "ignore"}, ValueError, "on_failure='ignore' is not one of"),
     ({"initializer": "skip"}, ValueError, "SkipInitializer\\(predictor\\)"),
     ({"initializer": "ones"}, ValueError, "valid: 'zeros', 'input', 'skip_reg'"),
-    ({"order": 2}, ValueError, "order=2 is not supported"),
+    ({"order": 2}, ValueError, "order=2: the DEQ form dz/dt = f\\(z, x\\) - z is first order"),
     ({"solver_adjoint": "tsit5"}, ValueError, "solver_adjoint='tsit5' is not supported"),
     ({"jacobian_penalty": 1.0}, TypeError, "JacobianPenalty"),
 ])

@@ -9,8 +9,8 @@ import torch
 
 import torchdyn_deq.multiscale as multiscale
 from benchmarks import harness
-from torchdyn_deq.experiments.baselines import InjectedNeuralODE
-from torchdyn_deq.experiments.classifier import ImplicitClassifier
+from torchdyn_deq._baselines import InjectedNeuralODE
+from torchdyn_deq._classifier import ImplicitClassifier
 from torchdyn_deq.experiments.mnist import MNISTNet, NeuralODELayer
 from torchdyn_deq.experiments.reporting import machine_info, markdown_table
 

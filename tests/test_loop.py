@@ -1,9 +1,11 @@
 """The solve loop's own mechanics, with scripted solvers: where its checks fall, what counts as
 progress, and the stability estimate's guards (regressions found in review)."""
+import warnings
+
 import torch
 
 import torchdyn_deq as td
-from torchdyn_deq._loop import Proposal, State, SteadyStateSolver, steady_state_solve
+from torchdyn_deq._loop import Proposal, State, SteadyStateSolver, scaled_residual, steady_state_solve
 from torchdyn_deq._solution import SolveOptions
 
 
@@ -81,3 +83,60 @@ def test_anderson_and_broyden_in_float16_do_not_overflow_their_products():
                                     SolveOptions(1e-2, 1e-2, 50))
         assert sol.converged, (solver, sol.result)
         torch.testing.assert_close(sol.z_star.float(), 2 * x.float(), atol=5e-2, rtol=2e-2)
+
+
+def _drift_solve(solver, **kw):
+    model = td.InfiniteTimeNeuralODE(lambda z: torch.ones_like(z), solver=solver, max_steps=10_000, **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            z = model(torch.zeros(3, 2))[1][-1]
+    return model.solution, z, [str(w.message) for w in caught]
+
+
+def test_bounded_speed_drift_is_not_a_steady_state():
+    """dz/dt = 1 met |dz/dt| <= atol + rtol |z| once |z| ~ 1 / rtol: 'converged' at t = 8279 with
+    |z*| = 8280 under tsit5 and vcab3. The tolerance grew with the state, the residual did not fall:
+    now 'diverged', and the first (only) warning names the missing equilibrium and the DEQ form."""
+    for solver in ("tsit5", "vcab3", "dopri5"):
+        for termination in ("per_sample", "elementwise", "batch_relative"):
+            sol, z, messages = _drift_solve(solver, termination=termination)
+            assert sol.result is td.Result.diverged, (solver, termination, sol.result)
+            assert len(messages) == 1 and "drifts" in messages[0] and "f(z, x) - z" in messages[0]
+
+
+def test_the_growth_credit_leaves_a_converging_solve_alone():
+    """f = 0.9 z + x from 0: z* = 10 x, ten times the start's image f(0) = x, so the tolerance grows
+    10x; the residual falls 1e4x first. The end point and its residual are the rule's alone."""
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for solver in ("tsit5", "vcab3", "anderson", "broyden", "fixed_point"):
+        model = td.DEQ(lambda z, x: 0.9 * z + x, solver=solver, atol=1e-6, rtol=1e-6, max_steps=2000)
+        with torch.no_grad():
+            z = model(x)[1][-1]
+        sol = model.solution
+        assert sol.converged, (solver, sol.result)
+        torch.testing.assert_close(sol.residual, scaled_residual(0.9 * z + x - z, z, 1e-6, 1e-6))
+        torch.testing.assert_close(z, 10 * x, atol=1e-3, rtol=0)
+
+
+def test_a_residual_that_rounded_to_zero_on_a_huge_state_is_no_fall():
+    """Broyden on f(z) = z + c in float32 jumped to |z| ~ 1e7, where (z + c) - z rounds to 0, and
+    reported 'converged' with residual 0: the fall is counted only down to eps |z|."""
+    c = torch.tensor([[0.3, -0.2, 0.1]])
+    model = td.DEQ(lambda z, x: z + c, solver="broyden", state_shape=(3,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            model(torch.zeros(1, 3))
+    assert model.solution.result is td.Result.diverged
+
+
+def test_a_stalled_rotation_names_the_missing_attracting_equilibrium():
+    R = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
+    model = td.InfiniteTimeNeuralODE(lambda z: z @ R.T, max_steps=2000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            model(torch.randn(3, 2))
+    assert model.solution.result is td.Result.stalled
+    assert "circles or drifts" in str(caught[0].message) and "f(z, x) - z" in str(caught[0].message)

@@ -22,8 +22,6 @@ from torchdyn.nn import DataControl
 import torchdyn_deq as td
 
 INF = torch.tensor([0.0, float("inf")])
-STOP_RULES = "drift is reported as convergence (issue 23 item 1): the fix is on branch stop-rules"
-CAUSE_FIRST = "the first message names GMRES, not the missing equilibrium (issue 23 item 2): fix on branch core-doors"
 
 
 def moons(seed: int, n: int = 128):
@@ -85,7 +83,6 @@ def one_training_step(door: str):
     return converged, messages
 
 
-@pytest.mark.xfail(strict=True, reason=STOP_RULES)
 @pytest.mark.parametrize("door", DOORS)
 def test_the_unmodified_quickstart_field_is_not_a_converged_steady_state(door):
     converged, messages = one_training_step(door)
@@ -93,7 +90,6 @@ def test_the_unmodified_quickstart_field_is_not_a_converged_steady_state(door):
     assert messages, "non-convergence must be said, not silent"
 
 
-@pytest.mark.xfail(strict=True, reason=CAUSE_FIRST)
 @pytest.mark.parametrize("door", DOORS)
 def test_the_first_message_names_the_missing_equilibrium(door):
     _, messages = one_training_step(door)

@@ -278,7 +278,7 @@ def test_max_steps_attribute_bounds_the_solve():
     assert not model.solution.converged
 
 
-def test_autograd_to_infinity_is_torchdyns_stepping_with_a_steady_state_termination():
+def test_autograd_to_infinity_is_the_same_core_backpropagated():
     torch.manual_seed(6)
     field = Field()
     x = torch.randn(4, 3)
@@ -288,7 +288,7 @@ def test_autograd_to_infinity_is_torchdyns_stepping_with_a_steady_state_terminat
     with torch.no_grad():
         assert float(field(0, sol[-1]).abs().max()) < 1e-5
     model.max_steps = 3
-    with pytest.warns(RuntimeWarning, match="max_steps=3"):
+    with pytest.warns(td.ConvergenceWarning, match="max_steps=3"):
         model(x, INF)
 
 

@@ -20,6 +20,8 @@ import torchdyn_deq as td
 CONTINUOUS = ("tsit5", "dopri5", "vcab3")
 DISCRETE = ("anderson", "broyden")
 SOLVERS = CONTINUOUS + DISCRETE
+# every family, for the fields without an equilibrium: fixed steps (euler = fixed-point iteration on f - z) too
+FAMILIES = ("tsit5", "dopri5", "euler", "rk4", "vcab3", "fixed_point", "anderson", "broyden")
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Case:
     expect: Optional[Dict[str, object]] = None
     initializer: object = "zeros"
     max_steps: int = 2000
+    field: Optional[Callable] = None  # a time-dependent vector field g(t, z) (then f is unused; z0 = x)
 
     def expected(self, solver: str):
         return (self.expect or {}).get(solver, "converged")
@@ -150,6 +153,68 @@ def cases() -> List[Case]:
     return out
 
 
+def _unit(n: int, d: int, seed: int) -> torch.Tensor:
+    u = _x(n, d, seed)
+    return u / u.norm(dim=1, keepdim=True)
+
+
+# families that move the state by a bounded step per iteration (step 1, Anderson's mixing of the last
+# images): 30 iterations without progress can come before the state has outgrown its start (an
+# element crossing 0 on its way, a start at -20 c), a 'stalled' whose message names the missing form
+SLOW_MOVERS = ("euler", "rk4", "fixed_point", "anderson")
+
+
+def _drift(speed: float, start: str) -> Case:
+    """``dz/dt = c`` with ``|c| = speed`` per sample: no equilibrium anywhere. Starts at 0 (a DEQ's),
+    at a random ``x``, or at ``-20 c`` (towards the origin first, then away)."""
+    c = speed * _unit(4, 3, 11)
+    x = {"zeros": _x(4, 3, 12), "x": _x(4, 3, 12), "-20c": -20 * c}[start]
+    return Case(f"drift dz/dt = c, |c| = {speed:g}, from {start}", lambda z, x, _c=c: z + _c, x, 3, None,
+                initializer="zeros" if start == "zeros" else "input", max_steps=1000,
+                expect={s: {"diverged", "stalled"} if s in SLOW_MOVERS else "diverged" for s in FAMILIES})
+
+
+def _hamiltonian(t, z, args=None):
+    """An energy-conserving (HNN-like) field ``dz/dt = J grad H(z)``, ``H = |z|^2 / 2 + |z|^4``
+    per pair of coordinates: orbits are circles of constant ``|z|``, at speed ``|z| (1 + 4 |z|^2)``."""
+    q, p = z[:, 0::2], z[:, 1::2]
+    grow = 1 + 4 * (q * q + p * p)
+    return torch.stack([p * grow, -q * grow], dim=2).reshape(z.shape)
+
+
+def _fourier(W: torch.Tensor, b: torch.Tensor) -> Callable:
+    """A periodic-in-t field like torchdyn's GalLinear (Fourier weights): ``dz/dt = sin(t) z W^T + b``.
+    Its average over a period is ``b != 0``: the state drifts by ``b`` per unit time."""
+    return lambda t, z, args=None: torch.sin(t) * z @ W.T + b
+
+
+def no_equilibrium_cases() -> List[Case]:
+    """Fields whose flow has no steady state to reach (issue #23): must not end 'converged' on a
+    continuous family. Where the field has a root (the rotation and the Hamiltonian's centre
+    z = 0), the root solvers find it: a root of g is what they are asked for."""
+    out = [_drift(speed, start) for speed in (0.1, 1.0, 10.0) for start in ("zeros", "x", "-20c")]
+    flow_fails = {s: {"stalled", "diverged", "max_steps"} for s in FAMILIES}
+    # rk4 at step 1 damps a rotation (|R(i)| = 0.96) towards its centre: a discrete map with z = 0 attracting
+    x = _x(4, 2, 13)
+    out.append(Case("pure rotation dz/dt = R z (no damping), from x", lambda z, x: z + z @ _spiral(0.0).T, x, 2,
+                    torch.zeros_like(x), initializer="input", max_steps=1000,
+                    expect={**flow_fails, "rk4": {"max_steps", "converged"}, "anderson": "converged",
+                            "broyden": {"converged", "stalled"}}))
+    # the explicit fixed steps grow a fast rotation (frequency 1 + 4 |z|^2) until it overflows
+    out.append(Case("Hamiltonian dz/dt = J grad H, H = |z|^2/2 + |z|^4, from x", None, 0.3 * _x(4, 4, 14), 4,
+                    torch.zeros(4, 4, dtype=torch.float64), initializer="input", max_steps=1000, field=_hamiltonian,
+                    expect={**flow_fails, **{s: {"diverged", "non_finite"} for s in ("euler", "rk4", "fixed_point")},
+                            "anderson": {"converged", "diverged", "stalled"},
+                            "broyden": {"converged", "diverged", "stalled"}}))
+    W = 0.5 * _x(3, 3, 15)
+    b = 0.3 * _unit(1, 3, 16)
+    out.append(Case("periodic in t (GalLinear-like): dz/dt = sin(t) W z + b", None, _x(4, 3, 17), 3, None,
+                    initializer="input", max_steps=1000, field=_fourier(W, b),
+                    expect={**{s: {"stalled", "diverged"} for s in FAMILIES},
+                            **{s: "diverged" for s in ("fixed_point", "anderson", "broyden")}}))  # at t = 0: g = b
+    return out
+
+
 @dataclass
 class Outcome:
     result: str
@@ -157,13 +222,22 @@ class Outcome:
     t: float
     residual: float
     error: Optional[float]
+    message: str = ""
 
 
-def run(case: Case, solver: str) -> Outcome:
-    """Solve ``case`` with ``solver`` under ``no_grad``; errors are outcomes too ('non_finite')."""
+TERMINATIONS = ("per_sample", "elementwise", "batch_relative")
+
+
+def run(case: Case, solver: str, termination: str = "per_sample") -> Outcome:
+    """Solve ``case`` with ``solver`` and the stop rule ``termination`` under ``no_grad``;
+    errors are outcomes too ('non_finite')."""
     dtype = case.x.dtype
     kw = dict(solver=solver, atol=case.tol, rtol=case.tol if case.rtol is None else case.rtol, max_steps=case.max_steps, initializer=case.initializer)
-    if case.initializer == "input":
+    if termination != "per_sample":  # the default is not passed: the script also runs on versions without the keyword
+        kw["termination"] = termination
+    if case.field is not None:
+        model = td.InfiniteTimeNeuralODE(case.field, **kw)
+    elif case.initializer == "input":
         model = td.InfiniteTimeNeuralODE(lambda z, _f=case.f: _f(z, None) - z, **kw)
     else:
         model = td.DEQ(case.f, state_shape=(case.state,), **kw)
@@ -175,7 +249,8 @@ def run(case: Case, solver: str) -> Outcome:
             return Outcome("non_finite", -1, math.nan, math.nan, None)
     sol = model.solution
     error = None if case.z_star is None else float((z - case.z_star.to(dtype)).abs().max())
-    return Outcome(str(getattr(sol, "result", sol.reason)), sol.nfe, float(sol.t), float(sol.residual.max()), error)
+    return Outcome(str(getattr(sol, "result", sol.reason)), sol.nfe, float(sol.t), float(sol.residual.max()), error,
+                   getattr(sol, "message", ""))
 
 
 def torchdyn_nfe(case: Case, t_end: float) -> int:

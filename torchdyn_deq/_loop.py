@@ -1,8 +1,10 @@
 """The one solve loop. Every forward solver, continuous or discrete, runs through
 `steady_state_solve`, which owns what is common to all of them:
 
-- the stop test, per sample ``i``: ``rms(g(z_i) / (atol + rtol |z_i|)) <= 1`` (the Hairer
-  root-mean-square norm of torchdyn's and torchdiffeq's step control, taken per sample);
+- the stop test (`SolveOptions.termination`): by default per sample ``i``
+  ``rms(g(z_i) / (atol + rtol |z_i|)) <= 1`` (the Hairer root-mean-square norm of torchdyn's
+  and torchdiffeq's step control, taken per sample), or DiffEqCallbacks' element-wise rule, or
+  DeepEquilibriumNetworks.jl's one norm over the batch (`_Rule`);
 - the budget (``max_steps`` accepted + rejected steps), the one count of evaluations, the
   best iterate of each sample (lowest residual), per-sample termination, the non-finite,
   divergence and stall tests, the kept states, and the `SteadyStateSolution`, built once;
@@ -21,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ._checks import boolean, float_in, positive_int
+from ._field import Field
 from ._solution import NonFiniteError, Result, SavedState, SolveOptions, SteadyStateSolution
 
 VectorField = Callable[[Tensor, Tensor], Tensor]
@@ -41,6 +44,74 @@ def scaled_residual(dz: Tensor, z: Tensor, atol: float, rtol: float) -> Tensor:
     scale = _wide(z).abs().mul_(rtol).add_(atol)  # in place: one allocation, not three
     scaled = torch.div(_wide(dz), scale, out=scale).reshape(dz.shape[0], -1)
     return torch.linalg.vector_norm(scaled, dim=1).mul_(1 / max(scaled.shape[1], 1) ** 0.5)
+
+
+class _Rule:
+    """A stop rule on the residual ``g(z)``: for each group (a sample, or the whole batch),
+    ``(residual, speed, tolerance)``, each of shape ``(groups,)``: the rule's residual (``<= 1``
+    where it is met), the size of ``g`` (``nu``) and the size of the tolerance it is measured
+    against (``sigma``), both in the rule's own norm. A group is a sample (``per_sample``:
+    samples can leave the batch once they meet the rule) or the batch (one group: it stops, and
+    keeps its best iterate, as one)."""
+
+    per_sample = True
+
+    def measure(self, gz: Tensor, z: Tensor, options: SolveOptions) -> Tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def tolerance(self, size: Tensor, options: SolveOptions) -> Tensor:
+        """``sigma`` of a state of element-wise magnitude ``size`` (the reference scale)."""
+        raise NotImplementedError
+
+
+class _PerSample(_Rule):
+    """``rms(g(z_i) / (atol + rtol |z_i|))`` per sample; ``nu = ||g_i||``, ``sigma = ||atol + rtol |z_i| ||``."""
+
+    def measure(self, gz, z, options):
+        scale = _wide(z).abs().mul_(options.rtol).add_(options.atol).reshape(z.shape[0], -1)
+        g = _wide(gz).reshape(z.shape[0], -1)
+        sigma = torch.linalg.vector_norm(scale, dim=1)
+        residual = torch.linalg.vector_norm(torch.div(g, scale, out=scale), dim=1).mul_(1 / max(g.shape[1], 1) ** 0.5)
+        return residual, torch.linalg.vector_norm(g, dim=1), sigma
+
+    def tolerance(self, size, options):
+        return torch.linalg.vector_norm((size * options.rtol + options.atol).reshape(size.shape[0], -1), dim=1)
+
+
+class _Elementwise(_Rule):
+    """``max(|g(z_i)| / max(atol, rtol |z_i|))`` per sample: every element has ``|g| <= atol``
+    or ``|g| <= rtol |z|`` (DiffEqCallbacks' ``allDerivPass``); ``nu = max |g_i|``,
+    ``sigma = max(atol, rtol max |z_i|)``."""
+
+    def measure(self, gz, z, options):
+        scale = _wide(z).abs().mul_(options.rtol).clamp_min_(options.atol).reshape(z.shape[0], -1)
+        g = _wide(gz).abs().reshape(z.shape[0], -1)
+        sigma = scale.amax(dim=1)
+        return torch.div(g, scale, out=scale).amax(dim=1), g.amax(dim=1), sigma
+
+    def tolerance(self, size, options):
+        return (size.reshape(size.shape[0], -1).amax(dim=1) * options.rtol).clamp_min_(options.atol)
+
+
+class _BatchRelative(_Rule):
+    """``||g(z)||_2 / (rtol ||g(z) + z||_2)`` over the whole batch, one group
+    (DeepEquilibriumNetworks.jl's ``norm(fx) / (norm(fx + x) + eps) < reltol``);
+    ``nu = ||g||``, ``sigma = rtol ||f(z)||``."""
+
+    per_sample = False
+
+    def measure(self, gz, z, options):
+        g = _wide(gz)
+        nu = torch.linalg.vector_norm(g).reshape(1)
+        sigma = torch.linalg.vector_norm(g + _wide(z)).mul_(options.rtol).reshape(1)
+        # the authors' eps: an image of norm 0 gives inf, never 0 / 0
+        return nu / (sigma + torch.finfo(g.dtype).tiny), nu, sigma
+
+    def tolerance(self, size, options):
+        return torch.linalg.vector_norm(size).mul(options.rtol).reshape(1)
+
+
+RULES = {"per_sample": _PerSample(), "elementwise": _Elementwise(), "batch_relative": _BatchRelative()}
 
 
 @dataclass
@@ -92,7 +163,8 @@ class SteadyStateSolver:
             the remaining rows, with the injected input restricted to them). Default
             ``False``: a field whose output for one sample depends on the others (batch norm
             in training mode) would change. Only for solves under ``torch.no_grad()`` (the
-            implicit sensitivities, inference).
+            implicit sensitivities, inference), and only under a per-sample stop rule
+            (``termination='batch_relative'`` stops the batch as one: no row can leave it).
     """
 
     continuous: bool = True
@@ -119,26 +191,16 @@ class SteadyStateSolver:
         return f"{type(self).__name__}({opts})"
 
 
-class _Counted:
-    """``g`` with its evaluations counted, called as ``g(t, z)`` with a float or tensor ``t``."""
-
-    def __init__(self, g: VectorField, t_like: Tensor):
-        self.g, self.n, self.restrict = g, 0, getattr(g, "on_rows", None)
-        self._t = t_like
-
-    def __call__(self, t, z: Tensor) -> Tensor:
-        self.n += 1
-        if not isinstance(t, Tensor):
-            t = torch.full((), t, dtype=self._t.dtype, device=self._t.device)
-        return self.g(t, z)
-
-
 @dataclass
 class _Measure:
     """The stop-test quantities of one iterate, as tensors (read on the host in the step's sync)."""
 
     z: Tensor
-    residual: Tensor
+    residual: Tensor  # the rule's residual, or the growth credit where that is larger (`_Tracker.measure`)
+    rule_residual: Tensor  # the rule's residual alone
+    credit: Tensor  # the growth credit (`_Tracker.measure`)
+    speed: Tensor  # nu, the size of g
+    tolerance: Tensor  # sigma, the size of the tolerance
     host: Tuple[Tensor, ...]  # worst best residual; on checks also max |z| and (progress ratio, residual rise)
 
 
@@ -147,11 +209,23 @@ class _Tracker:
 
     def __init__(self, z0: Tensor, gz0: Tensor, options: SolveOptions, solver: SteadyStateSolver, nfe_start: int):
         self.options, self.solver, self.nfe_start = options, solver, nfe_start
-        batch = z0.shape[0]
+        self.rule = RULES[options.termination]
+        self.batch = batch = z0.shape[0]
+        groups = batch if self.rule.per_sample else 1
+        image = (_wide(z0) + _wide(gz0)).abs()
         # max |f(z0)| over the batch; with max |z0| (the first measure's size) the divergence test's unit
-        self.image_size = (_wide(z0) + _wide(gz0)).abs().amax()
+        self.image_size = image.amax()
+        # the start's scale and residual, against which growth of the tolerance must be earned
+        # (`measure`): sigma at max(|z0|, |f(z0)|), and sigma_ref * max(nu_0, sigma_ref)
+        self.sigma_ref = self.rule.tolerance(torch.maximum(_wide(z0).abs(), image), options)
+        nu0 = self.rule.measure(gz0, z0, options)[1]
+        self.credit_unit = (self.sigma_ref * torch.maximum(nu0, self.sigma_ref)).clamp_min_(torch.finfo(nu0.dtype).tiny)
+        # the residual's rounding floor per unit of tolerance: g = f(z) - z is known to eps |z| ~ eps sigma / rtol
+        self.rounding = torch.finfo(z0.dtype).eps / options.rtol if options.rtol > 0 else 0.0
+        self.last: Optional[_Measure] = None  # the last committed iterate's measure
         self.best_z = z0
-        self.best_res = torch.full((batch,), math.inf, device=z0.device)
+        self.best_res = torch.full((groups,), math.inf, device=z0.device)
+        self.nu0 = nu0
         # the best residuals of the unconverged samples (0 for converged ones) at the start of the
         # current stretch without progress
         self.reference_open = self.best_res
@@ -171,22 +245,44 @@ class _Tracker:
     def measure(self, z: Tensor, gz: Tensor) -> _Measure:
         """The stop test of an iterate, and every ``CHECK_EVERY`` iterates the progress and
         divergence quantities too (a stall takes 30 steps and a divergence grows for many:
-        checking them less often saves a third of the loop's tensor operations)."""
+        checking them less often saves a third of the loop's tensor operations).
+
+        The residual is the rule's, or the growth credit ``sigma nu / (sigma_ref nu_0)`` where that
+        is larger and the tolerance has grown past its start (``sigma > sigma_ref``): a tolerance
+        with a relative part, ``|g| <= atol + rtol |z|``, is met by any state moving at a bounded
+        speed ``|g| = c`` once ``|z| >= c / rtol``, without ``g`` falling at all: the tolerance grew
+        to meet the residual. A steady state is where the motion stops, ``g(z*) = 0``, so the
+        relative part is only credited as far as the residual itself fell: the growth factor of the
+        tolerance since the start, ``G = sigma / sigma_ref``, may not exceed the residual's fall
+        ``F = nu_0 / nu``; ``G <= F`` is ``credit <= 1``. ``sigma_ref`` is taken at
+        ``max(|z0|, |f(z0)|)`` (the start and its first image: from ``z0 = 0`` the state's natural
+        size is ``f(0, x)``, not 0), ``nu_0`` floored at ``sigma_ref`` (a start that already meets
+        the rule needs no fall), and ``nu`` counted only down to its rounding level ``eps |z|``
+        (``f(z) - z`` of a huge ``z`` rounds to 0 in float32: no evidence of a fall). A converging solve meets the credit long before the rule (the
+        residual falls by orders of magnitude while the tolerance changes by ``|z*| / |f(z0)|``),
+        so its end point, NFE and residual are the rule's alone; a start already at ``z*``
+        (``G = 1``) converges at once; a state moving at non-decreasing speed (``F <= 1 < G``) never
+        converges, whatever rule: its residual rises with the credit and the stall and divergence
+        tests end it as ``'diverged'`` (`motion`)."""
         o = self.options
-        res = scaled_residual(gz, z, o.atol, o.rtol)
+        rule_res, nu, sigma = self.rule.measure(gz, z, o)
+        earned = sigma * (nu + self.rounding * sigma) / self._sub(self.credit_unit)
+        credit = torch.where(sigma > self._sub(self.sigma_ref), earned, 0.0)
+        res = torch.maximum(rule_res, credit)
         best = self._sub(self.best_res)
         new_best = torch.minimum(best, res)
         worst = new_best.amax()  # NaN propagates to the host check
         # a check every CHECK_EVERY accepted iterates (and the first): counted on accepted ones, so
         # rejected proposals never take a check's place
         if self.checked and self.unchecked < CHECK_EVERY - 1:
-            return _Measure(z, res, (worst,))
+            return _Measure(z, res, rule_res, credit, nu, sigma, (worst,))
         # progress: the best residuals (improvements between checks count) over those at the start of
         # the stretch; rise: the residual over the best. Converged samples get a 0 in the denominators,
         # so x / 0 = inf (0 / 0 = NaN, made inf) leaves them out of the minima
         open_best = torch.where(best > 1, best, 0.0)
         ratios = torch.stack([new_best / self._sub(self.reference_open), res / open_best])
-        return _Measure(z, res, (worst, _wide(z).abs().amax(), ratios.nan_to_num_(math.inf).amin(1)))
+        return _Measure(z, res, rule_res, credit, nu, sigma,
+                        (worst, _wide(z).abs().amax(), ratios.nan_to_num_(math.inf).amin(1)))
 
     def commit(self, m: _Measure, host: Sequence[float], nfe: int, t: float, accepted: int) -> Optional[Result]:
         """Record an accepted iterate; return the result if the solve ends with it."""
@@ -208,6 +304,7 @@ class _Tracker:
             self.nfe_per_sample = self.nfe_per_sample.index_copy(
                 0, self.rows, torch.where(newly, self.nfe_start + nfe, self.nfe_per_sample[self.rows]))
         self._keep(accepted, t, m.z)
+        self.last = m
         self.unchecked += 1
         if worst <= 1:
             return Result.converged
@@ -227,6 +324,26 @@ class _Tracker:
         if self.stall >= self.solver.stall_patience and t - self.stall_since >= self.solver.stall_time:
             return Result.diverged if self.running_away else Result.stalled
         return None
+
+    def motion(self) -> Tuple[bool, bool]:
+        """How the unconverged samples move at the last iterate, for a failed solve's result and
+        message (one host read): ``(drifting, moving)``.
+
+        Drifting: a sample is held back by the growth credit, not by the rule
+        (``credit > max(1, rule residual)``), and its speed grew less than the square root of its
+        tolerance's growth (``(nu / nu_0)^2 <= G``): a state moving on at a bounded speed, with no
+        equilibrium on its path, not one running away from a repelling one (whose speed grows with
+        the state, ``nu / nu_0 ~ G``). Moving: a sample's speed has not even halved since the
+        start (``nu >= nu_0 / 2``): a stall that circles a centre or drifts, not one at the
+        rounding noise of a nearly solved problem."""
+        m = self.last
+        if m is None:
+            return False, False
+        sigma_ref, nu0, open_ = self._sub(self.sigma_ref), self._sub(self.nu0), self._sub(self.best_res) > 1
+        held = open_ & (m.credit > 1) & (m.credit >= m.rule_residual)
+        drifting = held & (m.speed.square() * sigma_ref <= nu0.square() * m.tolerance)
+        flags = torch.stack([drifting.any(), (open_ & (m.speed >= 0.5 * nu0)).any()]).tolist()
+        return bool(flags[0]), bool(flags[1])
 
     @property
     def running_away(self) -> bool:
@@ -260,25 +377,37 @@ class _Tracker:
             wanted = sorted({round(last * i / (n + 1)) for i in range(1, n + 1)} - {last})
             states = [min(self.evenly, key=lambda s: abs(s.step - w)) for w in wanted] if self.evenly else []
             states = sorted({s.step: s for s in states + self.states}.values(), key=lambda s: s.step)
+        residual = self.best_res if self.rule.per_sample else self.best_res.expand(self.batch).clone()
         return SteadyStateSolution(
-            z_star=self.best_z, z0=z0, residual=self.best_res, t=float(t), iterations=iterations, nfe=nfe_total,
+            z_star=self.best_z, z0=z0, residual=residual, t=float(t), iterations=iterations, nfe=nfe_total,
             nfe_per_sample=nfe_per_sample, steps_accepted=accepted, steps_rejected=rejected, result=result,
             message=message, states=states)
 
 
+DRIFT = ("the state drifts: it keeps moving at a speed that does not fall (its residual fell less than the "
+         "tolerance's relative part grew with |z|: a lower scaled residual there is growth, not convergence), so the "
+         "vector field has no equilibrium on its path. A field with no -z and no injected input (an MLP, as in "
+         "torchdyn's quickstart) moves forever: write it as dz/dt = f(z, x) - z with the input x injected")
+
+
 def _message(result: Result, solver: SteadyStateSolver, options: SolveOptions, t: float, iterations: int,
-             nfe: int, residual: Tensor, stall: int) -> str:
+             nfe: int, residual: Tensor, stall: int, drift: bool = False, moving: bool = False) -> str:
     if result.successful:
         return ""
     where = f"t={t:.4g}, {iterations} steps" if solver.continuous else f"{iterations} iterations"
-    open_ = int((residual > 1).sum())
+    rule = options.termination
+    open_ = (f"{int((residual > 1).sum())} of {residual.numel()} samples unconverged" if RULES[rule].per_sample
+             else "one norm over the batch")
     cause = {
         Result.max_steps: f"no steady state within max_steps={options.max_steps}",
-        Result.diverged: "the solve diverged",
-        Result.stalled: f"the solve stalled (no unconverged sample improved by 1% in {stall} steps)",
+        Result.diverged: DRIFT if drift else "the solve diverged",
+        Result.stalled: f"the solve stalled (no unconverged sample improved by 1% in {stall} steps"
+                        + ("; the state keeps moving at a speed that has not even halved since the start: it circles "
+                           "or drifts, with no attracting equilibrium on its path; a steady state needs the DEQ form "
+                           "dz/dt = f(z, x) - z with f contractive)" if moving else ")"),
     }[result]
     return (f"{cause} ({where}, {nfe} NFE): worst scaled residual {float(residual.max()):.3g} (1 = tolerance "
-            f"atol={options.atol:g}, rtol={options.rtol:g}), {open_} of {residual.numel()} samples unconverged. "
+            f"atol={options.atol:g}, rtol={options.rtol:g}, termination={rule!r}), {open_}. "
             f"{result.remedy[0].upper()}{result.remedy[1:]}")
 
 
@@ -288,8 +417,9 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
     ``t = infinity`` for a continuous one); the record of what happened.
 
     Args:
-        g: the vector field ``g(t, z)`` (``f(z, x) - z`` for a DEQ); an ``on_rows(rows)``
-            attribute, if present, gives ``g`` on a subset of the batch (per-sample termination).
+        g: the vector field ``g(t, z)`` (``f(z, x) - z`` for a DEQ), a `Field` (its count of
+            evaluations is the record's; its ``restrict`` gives per-sample termination) or a
+            plain function (wrapped in one).
         z0: the start, shape ``(batch, *state)``.
         solver: a `SteadyStateSolver`.
         options: `SolveOptions` (tolerances, budget, kept states).
@@ -301,7 +431,8 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
     """
     if not isinstance(solver, SteadyStateSolver):
         raise TypeError(f"solver must be a SteadyStateSolver, got {solver!r}")
-    count = _Counted(g, z0)
+    count = g if isinstance(g, Field) else Field(g, z0)
+    start = count.nfe  # evaluations before the solve (the initializer's) are nfe_start's
     gz0 = count(0.0, z0)
     if gz0.shape != z0.shape:
         raise ValueError(f"the vector field returned shape {tuple(gz0.shape)} for a state of shape {tuple(z0.shape)}")
@@ -314,15 +445,16 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
                              + Result.non_finite.remedy)
     k = _host_size(first)
     track.unit = 1.0 + host[1] + host[k]  # 1 + max |z0| (the first measure is a check) + max |f(z0)|
-    result = track.commit(first, host[:k], count.n, 0.0, 0)
-    per_sample = solver.per_sample and count.restrict is not None and not torch.is_grad_enabled()
+    result = track.commit(first, host[:k], count.nfe - start, 0.0, 0)
+    per_sample = (solver.per_sample and track.rule.per_sample and isinstance(g, Field)
+                  and not torch.is_grad_enabled())
     accepted = rejected = bad = 0
     pending: Optional[_Measure] = None  # an accepted iterate whose stop test is read in the next sync
     while result is None:
         if accepted + rejected >= options.max_steps:
             if pending is not None:
                 result = track.commit(pending, torch.cat([p.reshape(-1) for p in pending.host]).tolist(),
-                                      count.n, state.t, accepted)
+                                      count.nfe - start, state.t, accepted)
                 pending = None
             if result is None:
                 result = Result.budget if options.budget else Result.diverged if track.running_away else Result.max_steps
@@ -333,7 +465,7 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
         host = torch.cat([p.reshape(-1) for p in parts]).tolist()  # the step's one synchronisation
         if pending is not None:
             k = _host_size(pending)
-            result, host, measured, pending = track.commit(pending, host[:k], count.n, state.t, accepted), host[k:], pending, None
+            result, host, measured, pending = track.commit(pending, host[:k], count.nfe - start, state.t, accepted), host[k:], pending, None
             if result is not None:
                 break
             if per_sample:
@@ -350,15 +482,18 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
             continue
         accepted, bad, state = accepted + 1, 0, new
         if cand is not None:
-            result = track.commit(cand, cand_host, count.n, state.t, accepted)
+            result = track.commit(cand, cand_host, count.nfe - start, state.t, accepted)
         else:
             pending = track.measure(state.z, state.gz)
         if result is None and per_sample and cand is not None:
             state, _ = _drop_converged(state, None, track, count, cand.residual)
     iterations = accepted + rejected
-    message = _message(result, solver, options, state.t, iterations, track.nfe_start + count.n, track.best_res,
-                       track.stall)
-    return track.finish(z0, state.t, iterations, count.n, accepted, rejected, result, message)
+    drift, moving = track.motion() if not result.successful else (False, False)
+    if drift:  # ended by the stall or the budget, but the state moves on: not a stall, no steady state
+        result = Result.diverged
+    message = _message(result, solver, options, state.t, iterations, track.nfe_start + count.nfe - start,
+                       track.best_res, track.stall, drift, moving)
+    return track.finish(z0, state.t, iterations, count.nfe - start, accepted, rejected, result, message)
 
 
 def _host_size(m: _Measure) -> int:
@@ -375,16 +510,16 @@ def _pick(x, keep: Tensor):
     return x
 
 
-def _drop_converged(state: State, proposal: Optional[Proposal], track: _Tracker, count: _Counted,
+def _drop_converged(state: State, proposal: Optional[Proposal], track: _Tracker, count: Field,
                     residual: Tensor) -> Tuple[State, Optional[Proposal]]:
-    """Restrict the state, a pending proposal and ``g`` (through its ``on_rows``) to the samples
+    """Restrict the state, a pending proposal and ``g`` (`Field.restrict`) to the samples
     not yet converged."""
     open_ = residual > 1
     if bool(open_.all()):
         return state, proposal
     keep = open_.nonzero()[:, 0]
     track.rows = keep if track.rows is None else track.rows[keep]
-    count.g = count.restrict(track.rows)
+    count.restrict(track.rows)
     state = State(_pick(state.z, keep), _pick(state.gz, keep), state.t, _pick(state.memory, keep), state.control)
     if proposal is not None:
         proposal = Proposal(_pick(proposal.z, keep), _pick(proposal.gz, keep), proposal.t, proposal.signals,

@@ -13,14 +13,14 @@ from torchdyn.core import NeuralODE
 from torchdyn.core.defunc import DEFuncBase
 
 from ._checks import non_negative_float, optional, positive_float, positive_int
-from ._dropout import dropout_modules, reset_dropout
+from ._field import Field, layer_field, module_field
+from ._implicit import implicit_solve, per_solve
 from ._initializers import Initializer
-from ._loop import SteadyStateSolver, steady_state_solve
-from ._norms import computed_once
+from ._loop import SteadyStateSolver
 from ._regularizers import JacobianPenalty
-from ._registry import make_initializer, make_sensitivity, make_solver
+from ._registry import make_initializer, make_sensitivity, make_solver, torchdyn_stepper
 from ._sensitivity import Sensitivity
-from ._solution import SavedState, SolveOptions, SteadyStateSolution, check_failure_mode, report_failure
+from ._solution import SavedState, SolveOptions, SteadyStateSolution
 from ._trajectory import TrajectorySupervision
 
 
@@ -30,15 +30,6 @@ def _standardize(vector_field):
     if "t" not in getfullargspec(target).args:
         return DEFuncBase(vector_field, has_time_arg=False)
     return vector_field
-
-
-def _check_field_output(dz, z: Tensor) -> None:
-    if not isinstance(dz, Tensor) or dz.shape != z.shape:
-        shape = tuple(dz.shape) if isinstance(dz, Tensor) else type(dz).__name__
-        raise ValueError(f"the vector field returned {shape} for a state of shape {tuple(z.shape)}; "
-                         "dz/dt must have the state's shape")
-    if dz.dtype != z.dtype:
-        raise TypeError(f"the vector field returned dtype {dz.dtype} for a state of dtype {z.dtype}")
 
 
 class InfiniteTimeNeuralODE(NeuralODE):
@@ -92,6 +83,10 @@ class InfiniteTimeNeuralODE(NeuralODE):
         trajectory: a `TrajectorySupervision`: return intermediate states of the solve with
             gradients (``sol[1:-1]``, at ``t_eval[1:-1]``) besides ``z*`` (fixed-point
             correction). Default ``None``: ``(t_eval, sol)`` holds ``[t0, t*]`` and ``[z0, z*]``.
+        termination: the stop rule (`SolveOptions`): ``'per_sample'`` (default, the test
+            above), ``'elementwise'`` (every element ``|dz/dt| <= atol`` or ``<= rtol |z|``)
+            or ``'batch_relative'`` (``||dz/dt||_2 <= rtol ||dz/dt + z||_2`` over the batch, the
+            paper's code; the batch stops as one).
 
     ``order > 1``, ``solver_adjoint``, ``interpolator``, ``integral_loss``, ``seminorm`` and
     ``save_at`` belong to finite-time integration and are refused with an error.
@@ -114,18 +109,18 @@ class InfiniteTimeNeuralODE(NeuralODE):
     def __init__(self, vector_field: Union[Callable, nn.Module], solver: Union[str, nn.Module, SteadyStateSolver] = "tsit5",
                  order: int = 1, atol: float = 1e-3, rtol: float = 1e-3,
                  sensitivity: Union[str, Sensitivity] = "steady_state", solver_adjoint=None,
-                 atol_adjoint: float = 0.0, rtol_adjoint: Optional[float] = None, interpolator=None, integral_loss=None,
-                 seminorm: bool = False, return_t_eval: bool = True, optimizable_params: Sequence = (), *,
+                 atol_adjoint: Optional[float] = None, rtol_adjoint: Optional[float] = None, interpolator=None,
+                 integral_loss=None, seminorm: bool = False, return_t_eval: bool = True, optimizable_params: Sequence = (), *,
                  initializer: Union[str, Initializer] = "input", state_shape: Optional[Tuple[int, ...]] = None,
-                 max_steps: int = 100, on_failure: str = "warn", jacobian_penalty: Optional[JacobianPenalty] = None,
+                 max_steps: int = 100, on_failure: Optional[str] = None, jacobian_penalty: Optional[JacobianPenalty] = None,
                  eval_tol_factor: float = 1.0, eval_max_steps: Optional[int] = None,
-                 trajectory: Optional[TrajectorySupervision] = None):
-        for name, value, default in (("order", order, 1), ("solver_adjoint", solver_adjoint, None),
-                                     ("interpolator", interpolator, None), ("integral_loss", integral_loss, None),
-                                     ("seminorm", seminorm, False)):
+                 trajectory: Optional[TrajectorySupervision] = None, termination: str = "per_sample"):
+        for name, value, default in (("solver_adjoint", solver_adjoint, None), ("interpolator", interpolator, None),
+                                     ("integral_loss", integral_loss, None), ("seminorm", seminorm, False)):
             if value != default:
                 raise ValueError(f"{name}={value!r} is not supported by InfiniteTimeNeuralODE: it belongs to "
                                  "finite-time integration; the steady state needs none of it")
+        order = positive_int("order", order)
         atol, rtol = non_negative_float("atol", atol), non_negative_float("rtol", rtol)
         if atol == 0:
             raise ValueError("atol must be positive: with atol=0 the test |dz/dt| <= rtol |z| cannot be met "
@@ -136,24 +131,31 @@ class InfiniteTimeNeuralODE(NeuralODE):
             raise TypeError(f"trajectory must be a TrajectorySupervision or None, got {trajectory!r}")
         if jacobian_penalty is not None and not isinstance(jacobian_penalty, JacobianPenalty):
             raise TypeError(f"jacobian_penalty must be a JacobianPenalty or None, got {jacobian_penalty!r}")
-        on_failure = check_failure_mode(on_failure)
+        SolveOptions(atol, rtol, max_steps, termination=termination)  # validates the rule (and rtol > 0 for batch_relative)
         steady_solver = make_solver(solver)
-        rtol_adjoint = max(atol, rtol) if rtol_adjoint is None else non_negative_float("rtol_adjoint", rtol_adjoint)
-        sens = make_sensitivity(sensitivity, rtol_adjoint,
-                                non_negative_float("atol_adjoint", atol_adjoint), on_failure)
+        sens, on_failure = make_sensitivity(
+            sensitivity, rtol_adjoint=optional(non_negative_float, "rtol_adjoint", rtol_adjoint),
+            atol_adjoint=optional(non_negative_float, "atol_adjoint", atol_adjoint), on_failure=on_failure,
+            forward_tol=max(atol, rtol))
         init = make_initializer(initializer)
         with contextlib.redirect_stdout(io.StringIO()):  # torchdyn prints about parameter-less fields
-            super().__init__(_standardize(vector_field), solver=steady_solver, atol=atol, rtol=rtol,
+            super().__init__(_standardize(vector_field), solver=steady_solver, order=order, atol=atol, rtol=rtol,
                              sensitivity=sens, atol_adjoint=atol_adjoint, rtol_adjoint=rtol_adjoint,
                              return_t_eval=return_t_eval, optimizable_params=optimizable_params)
         # torchdyn keeps torch.cat(parameters) for its adjoint, a non-leaf tensor that blocks
         # copy.deepcopy; we never use it
         self.vf_params = self.vf_params.detach()
+        # the solver the loop runs; a torchdyn stepper module (a hypersolver) is, as in NeuralODE,
+        # the registered submodule ``solver``: its parameters train, save and move with the model
+        self.steady_solver = steady_solver
+        if isinstance(solver, nn.Module):
+            self.solver = solver
         self.initializer = init
         self.state_shape = None if state_shape is None else tuple(int(s) for s in state_shape)
         self.max_steps, self.on_failure, self.jacobian_penalty = max_steps, on_failure, jacobian_penalty
         self.eval_tol_factor, self.eval_max_steps = float(eval_tol_factor), eval_max_steps
         self.trajectory_supervision = trajectory
+        self.termination = termination
         self.solution: Optional[SteadyStateSolution] = None
 
     # ---------------------------------------------------------------- torchdyn interface
@@ -170,7 +172,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
             t_span = self.t_span if self.t_span is not None else torch.zeros(1)
         t_span = torch.as_tensor(t_span, dtype=x.dtype, device=x.device).reshape(-1)
         for _, module in self.vf.named_modules():
-            if hasattr(module, "_control"):  # torchdyn DataControl and DEQVectorField: keep the graph
+            if hasattr(module, "_control"):  # torchdyn DataControl: keep the graph (the input's true gradient)
                 self.controlled = True
                 module._control = x
         return x, t_span
@@ -198,70 +200,43 @@ class InfiniteTimeNeuralODE(NeuralODE):
         finally:
             self.return_t_eval = return_t_eval
 
-    def trajectory(self, x: Tensor, t_span: Optional[Tensor] = None) -> Tensor:
-        """The states at ``t_eval``: ``[z0, z*]`` (with `TrajectorySupervision`, the
-        intermediate states between them)."""
+    def trajectory(self, x: Tensor, t_span: Tensor) -> Tensor:
+        """The states at the finite times ``t_span`` (``(len(t_span), batch, *state)``, as torchdyn's
+        ``NeuralODE.trajectory``, for its plotting utilities): ``dz/dt = g(t, z)`` integrated from
+        this model's start ``z0`` with torchdyn's ``odeint`` and this model's tolerances (the
+        stepper of an ODE solver; ``'tsit5'`` for the discrete ones). The steady state is
+        ``forward``'s job."""
+        from torchdyn.numerics import odeint
+
+        t_span = torch.as_tensor(t_span)
+        if t_span.dim() != 1 or t_span.numel() < 2 or not bool(torch.isfinite(t_span).all()):
+            raise ValueError(f"trajectory integrates over finite times: t_span must be 1-d with at least two finite "
+                             f"entries, got {t_span.tolist()}; forward(x) solves to the steady state (t = inf)")
         x, t_span = self._prep_integration(x, t_span)
-        return torch.stack(self._solve(x, {}))
+        with per_solve(self):
+            field = self._field(x, {})
+            z0 = self.initializer(x, field, self.state_shape or tuple(x.shape[1:]))
+            try:
+                _, states = odeint(field, z0, t_span, torchdyn_stepper(self.steady_solver), atol=self.atol, rtol=self.rtol)
+            finally:
+                self.vf.nfe += field.nfe
+                self._release()
+        return states
 
-    # ---------------------------------------------------------------- the solve
-    def _vector_field(self, args: dict) -> Callable[[Tensor, Tensor], Tensor]:
-        # what torchdyn's DEFunc does on every call (count, set `t` on DepthCat-like modules),
-        # with the module scan done once per solve instead of once per evaluation, and the count
-        # kept on ``g.calls`` (``_solve`` adds it to ``DEFunc.nfe``: nn.Module.__setattr__ costs
-        # about 5 us, 5% of this package's MNIST forward pass when paid on every evaluation)
-        field = self.vf.vf
-        timed = [m for _, m in field.named_modules() if hasattr(m, "t")]
-        controlled = self._controlled()
-        dropouts = dropout_modules(field)
-
-        def g(t: Tensor, z: Tensor) -> Tensor:
-            g.calls += 1
-            for module in timed:
-                module.t = t
-            dz = field(t, z, args=args)
-            if g.calls == 1:  # the first evaluation of a solve checks what the field returns
-                _check_field_output(dz, z)
-            return dz
-
-        def on_rows(rows: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-            """``g`` on a subset of the batch: the injected inputs restricted to ``rows``."""
-            full = [m._control for m in controlled]
-            subsets = [c.index_select(0, rows) for c in full]
-            # the variational dropout masks (drawn at the first, full-batch evaluation) too
-            masked = [(m, m.mask) for m in dropouts if m.mask is not None]
-            sub_masks = [mask.index_select(0, rows) for _, mask in masked]
-
-            def g_rows(t: Tensor, z: Tensor) -> Tensor:
-                for module, sub in zip(controlled, subsets):
-                    module._control = sub
-                for (module, _), sub in zip(masked, sub_masks):
-                    module.mask = sub
-                try:
-                    dz = g(t, z)
-                finally:
-                    for module, c in zip(controlled, full):
-                        module._control = c
-                    for module, mask in masked:
-                        module.mask = mask
-                if not g_rows.checked:  # a field that ignores the row restriction
-                    _check_field_output(dz, z)
-                    g_rows.checked = True
-                return dz
-            g_rows.checked = False
-            return g_rows
-
-        g.on_rows, g.calls = on_rows, 0
-        return g
+    # ---------------------------------------------------------------- the door into implicit_solve
+    def _field(self, x: Tensor, args: dict) -> Field:
+        """This model's `Field`: torchdyn's ``DEFunc`` call (time on ``DepthCat``-like modules,
+        the order), the injected inputs and dropout masks restricted with the batch."""
+        return module_field(self.vf.vf, x, args, order=self.vf.order, module=self)
 
     def _solve(self, x: Tensor, args: dict) -> List[Tensor]:
-        reset_dropout(self)  # a new mask per solve (field and initializer), the same at every evaluation of it
-        g = self._vector_field(args)
-        try:
-            with computed_once(self.vf):  # weight / spectral norms once per solve, not per evaluation
-                return self._solve_with(g, x)
-        finally:
-            self.vf.nfe += g.calls
+        with per_solve(self):  # a new dropout mask (field and initializer), norms computed once
+            field = self._field(x, args)
+            try:
+                return self._solve_with(field, x)
+            finally:
+                self.vf.nfe += field.nfe  # torchdyn's cumulative count, read from the solve's one count
+                self._release()
 
     def _options(self) -> SolveOptions:
         """The stop test, budget and kept iterates of this forward pass: training, or eval mode
@@ -270,50 +245,51 @@ class InfiniteTimeNeuralODE(NeuralODE):
         if supervision is not None and supervision.n_states > 1:
             keep = ({"save_steps": supervision.indexing} if supervision.indexing is not None
                     else {"save_evenly": supervision.n_states - 1})
+        keep["termination"] = self.termination
         if self.training:
             return SolveOptions(self.atol, self.rtol, self.max_steps, **keep)
         budget = self.eval_max_steps is not None
         return SolveOptions(self.atol * self.eval_tol_factor, self.rtol * self.eval_tol_factor,
                             self.eval_max_steps if budget else self.max_steps, budget=budget, **keep)
 
-    def _solve_with(self, g: Callable[[Tensor, Tensor], Tensor], x: Tensor) -> List[Tensor]:
+    def _losses(self, z0: Tensor):
+        """The record's auxiliary losses at ``z*``, or ``None`` when there are none to compute."""
+        has_skip = type(self.initializer).aux_loss is not Initializer.aux_loss
+        penalty = self.jacobian_penalty if self.training else None
+        if not has_skip and penalty is None:
+            return None
+
+        def losses(gz: Tensor, z_leaf: Tensor):
+            return {"skip_loss": self.initializer.aux_loss(z_leaf.detach() + gz, z0) if has_skip else None,
+                    "jacobian_loss": penalty(gz, z_leaf) if penalty is not None else None}
+        return losses
+
+    def _solve_with(self, field: Field, x: Tensor) -> List[Tensor]:
         """``[z0, (intermediate states,) z*]``: the start (with its graph, for a Skip predictor),
         the supervised states if any, and the steady state with the sensitivity's gradients;
         the record goes to ``self.solution``."""
         state_shape = self.state_shape or tuple(x.shape[1:])
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        z0 = self.initializer(x, g, state_shape)
-        implicit = self.sensitivity.implicit or not needs_grad
-        with torch.no_grad() if implicit else contextlib.nullcontext():
-            sol = steady_state_solve(g, z0.detach() if implicit else z0, self.solver, self._options(), nfe_start=g.calls)
-        self.solution = sol
-        if not sol.result.successful:
-            report_failure(sol.message, self.on_failure)
-        z_star = sol.z_star
-        has_aux = self.jacobian_penalty is not None or type(self.initializer).aux_loss is not Initializer.aux_loss
-        if needs_grad and (implicit or has_aux):
-            z_leaf = sol.z_star.detach().requires_grad_()
-            t_star = torch.as_tensor(sol.t, dtype=x.dtype, device=x.device)
-            with torch.enable_grad():
-                gz = g(t_star, z_leaf)
-                if implicit:
-                    z_star = self.sensitivity.attach(gz, z_leaf, sol, lambda z: g(t_star, z))
-                sol.skip_loss = self.initializer.aux_loss(z_leaf.detach() + gz, z0)
-                if self.jacobian_penalty is not None and self.training:
-                    sol.jacobian_loss = self.jacobian_penalty(gz, z_leaf)
+        z0 = self.initializer(x, field, state_shape)
+        z_star, sol = implicit_solve(field, z0, self.steady_solver, self._options(), self.sensitivity,
+                                     on_failure=self.on_failure, differentiate=needs_grad, losses=self._losses(z0),
+                                     keep=lambda record: setattr(self, "solution", record))
         intermediate = []
         supervision = self.trajectory_supervision
         if supervision is not None and supervision.n_states > 1:
             # the start stands in when a solve kept nothing (converged at its first iterate)
             kept = sol.states or [SavedState(0, 0.0, sol.z0.detach())]
             with torch.enable_grad() if needs_grad else torch.no_grad():
-                intermediate = supervision.unroll(g, kept, x)
-        for module in self._controlled():  # keep the data, not the graph: copies and pickles work
-            module._control = module._control.detach()
+                intermediate = supervision.unroll(field, kept, x)
         return [z0, *intermediate, z_star]
 
+    def _release(self) -> None:
+        """Keep the injected data, not its graph: copies and pickles of the model work."""
+        for module in self._controlled():
+            module._control = module._control.detach()
+
     def _controlled(self) -> list:
-        """Modules holding an injected input (torchdyn's ``DataControl``, ``DEQVectorField``)."""
+        """Modules holding an injected input (torchdyn's ``DataControl``)."""
         return [m for _, m in self.vf.named_modules() if getattr(m, "_control", None) is not None]
 
     def __getstate__(self):
@@ -336,8 +312,10 @@ class InfiniteTimeNeuralODE(NeuralODE):
 
 
 class DEQVectorField(nn.Module):
-    """``g(z) = f(z, x) - z``: the continuous DEQ's vector field. The model injects ``x``
-    (the ``_control`` attribute, as torchdyn's ``DataControl``) before each solve."""
+    """``g(z) = f(z, x) - z``: the continuous DEQ's vector field, the ``vf`` of its torchdyn
+    structure (``model.vf.vf.f`` is the layer). The model injects ``x`` (the ``_control``
+    attribute, as torchdyn's ``DataControl``) before each solve; the solve itself evaluates
+    ``f`` through its `Field`."""
 
     def __init__(self, f: Callable[[Tensor, Tensor], Tensor]):
         super().__init__()
@@ -381,9 +359,15 @@ class DEQ(InfiniteTimeNeuralODE):
     """
 
     def __init__(self, f: Callable[[Tensor, Tensor], Tensor], solver="tsit5", *, initializer="zeros", **kwargs):
+        if kwargs.get("order", 1) != 1:
+            raise ValueError(f"order={kwargs['order']!r}: the DEQ form dz/dt = f(z, x) - z is first order; for the "
+                             "steady state of a second-order system use InfiniteTimeNeuralODE(vector_field, order=2)")
         super().__init__(DEQVectorField(f), solver=solver, initializer=initializer, **kwargs)
 
     @property
     def f(self):
         """The layer ``f(z, x)``."""
         return self.vf.vf.f
+
+    def _field(self, x: Tensor, args: dict) -> Field:
+        return layer_field(self.f, x, x, module=self)

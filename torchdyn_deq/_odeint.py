@@ -6,13 +6,13 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from ._checks import boolean, non_negative_float, positive_float, positive_int
-from ._registry import ODE_SOLVERS, ROOT_SOLVERS
+from ._checks import boolean, non_negative_float, optional, positive_float, positive_int
+from ._field import Field
+from ._implicit import implicit_solve
+from ._registry import ODE_SOLVERS, ROOT_SOLVERS, make_sensitivity, steady_state_solver
 from ._sensitivity import Sensitivity
-from ._solution import SteadyStateSolution
-from ._torchdyn import _solve_steady_state, steady_state_solver
+from ._solution import SolveOptions, SteadyStateSolution
 
 METHODS = ODE_SOLVERS + tuple(ROOT_SOLVERS)
 # torchdiffeq's methods that have no steady-state counterpart here (named in the error)
@@ -20,67 +20,20 @@ _TORCHDIFFEQ_ONLY = ("dopri8", "bosh3", "fehlberg2", "adaptive_heun", "heun2", "
                      "implicit_adams", "fixed_adams", "scipy_solver")
 
 
-class _Field(nn.Module):
-    """``func(t, y)`` as the ``(t, z, args)`` field of a batch: ``z`` is ``y`` itself
-    (``batched``) or ``y`` flattened into one row."""
-
-    def __init__(self, func: Callable[[Tensor, Tensor], Tensor], shape: torch.Size, batched: bool):
-        super().__init__()
-        self.func, self.shape, self.batched = func, shape, batched
-
-    def forward(self, t: Tensor, z: Tensor, args=None) -> Tensor:
-        y = z if self.batched else z.view(self.shape)
-        dy = self.func(t, y)
-        if not isinstance(dy, Tensor) or dy.shape != y.shape:
-            got = tuple(dy.shape) if isinstance(dy, Tensor) else type(dy).__name__
-            raise ValueError(f"func(t, y) returned {got} for y of shape {tuple(y.shape)}; dy/dt must have y's shape")
-        return dy if self.batched else dy.reshape(z.shape)
-
-
-class _SteadyState(torch.autograd.Function):
-    """``y*`` in the forward pass; gradients to ``adjoint_params`` only (torchdiffeq's
-    contract): the solve's own backward (implicit by default) restricted to those tensors."""
-
-    @staticmethod
-    def forward(ctx, run, y0, *params):
-        with torch.enable_grad():
-            y_star = run(y0)
-        ctx.y_star, ctx.params, ctx.y0_like = y_star, params, (y0.shape, y0.dtype, y0.device)
-        return y_star.detach().clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, v):
-        wanted = [i for i, p in enumerate(ctx.params) if p.requires_grad]
-        grads = [None] * len(ctx.params)
-        if wanted and ctx.y_star.requires_grad:
-            # the graph is kept: a second backward pass through y* (gradcheck makes one per entry) reuses it
-            found = torch.autograd.grad(ctx.y_star, [ctx.params[i] for i in wanted], v, allow_unused=True,
-                                        retain_graph=True)
-            for i, g in zip(wanted, found):
-                grads[i] = torch.zeros_like(ctx.params[i]) if g is None else g
-        for i in wanted:  # a parameter the solve does not depend on: exact zeros of its shape
-            if grads[i] is None:
-                grads[i] = torch.zeros_like(ctx.params[i])
-        # the steady state does not depend on where the solve starts
-        shape, dtype, device = ctx.y0_like
-        y0_grad = torch.zeros(shape, dtype=dtype, device=device) if ctx.needs_input_grad[1] else None
-        return (None, y0_grad, *grads)
-
-
 def odeint_steady_state(func: Callable[[Tensor, Tensor], Tensor], y0: Tensor, *, method: str = "tsit5",
                         rtol: float = 1e-3, atol: float = 1e-3, options: Optional[dict] = None,
-                        adjoint_params: Optional[Sequence[Tensor]] = None, adjoint_rtol: float = 1e-5,
-                        adjoint_atol: float = 1e-10, sensitivity: Union[str, Sensitivity] = "steady_state",
+                        adjoint_params: Optional[Sequence[Tensor]] = None, adjoint_rtol: Optional[float] = None,
+                        adjoint_atol: Optional[float] = None, sensitivity: Union[str, Sensitivity] = "steady_state",
                         max_steps: int = 100, batched: bool = False, t0: float = 0.0,
                         return_solution: bool = False) -> Union[Tensor, Tuple[Tensor, SteadyStateSolution]]:
     """The steady state ``y*`` of ``dy/dt = func(t, y)``, ``func(t, y*) = 0``, reached from ``y0``,
     with implicit gradients: torchdiffeq's ``odeint_adjoint`` with ``t = [t0, inf]``.
 
     The solve stops when ``rms(func(t, y) / (atol + rtol |y|)) <= 1``. The backward pass
-    solves ``(df/dy)^T w = -v`` at ``y*`` (GMRES at ``adjoint_rtol``, ``adjoint_atol``) and
-    returns ``w^T df/dp`` to each ``p`` of ``adjoint_params``: memory independent of the
-    number of steps. As in torchdiffeq, only ``adjoint_params`` receive gradients, so list
+    solves ``(df/dy)^T w = -v`` at ``y*`` (GMRES, relative to each sample's cotangent, at the
+    forward tolerance by default) and returns ``w^T df/dp`` to each ``p`` of
+    ``adjoint_params``: memory independent of the number of steps. The same core as the
+    models (`implicit_solve`): the same problem gives the same gradient through either. As in torchdiffeq, only ``adjoint_params`` receive gradients, so list
     there any tensor ``func`` closes over (an injected input) that should; ``y0`` receives
     zeros (``y*`` does not depend on the start).
 
@@ -98,11 +51,13 @@ def odeint_steady_state(func: Callable[[Tensor, Tensor], Tensor], y0: Tensor, *,
             the root solvers), e.g. ``{'max_step': 1.0}``.
         adjoint_params: the tensors that receive gradients. Default: ``func.parameters()``
             when ``func`` is an ``nn.Module``, else none.
-        adjoint_rtol: relative tolerance of the backward linear solve. Default ``1e-5``,
-            `SteadyStateSensitivity`'s.
-        adjoint_atol: its absolute tolerance. Default ``1e-10``.
+        adjoint_rtol: relative tolerance of the backward linear solve. Default ``None``: the
+            forward's, ``max(atol, rtol)`` (`backward_tolerance`), as on every door.
+        adjoint_atol: its absolute floor. Default ``None`` (``0``): relative to each sample's
+            cotangent, so the gradient's accuracy does not depend on the loss scale.
         sensitivity: ``'steady_state'`` (default), ``'jacobian_free'`` (approximate),
-            ``'autograd'`` (backpropagation through the steps) or a `Sensitivity`.
+            ``'autograd'`` (backpropagation through the steps) or a `Sensitivity` (then the
+            adjoint tolerances are its own: passing them too is a ``ValueError``).
         max_steps: bound on solver steps. Default ``100``.
         batched: ``y0``'s first dimension indexes independent samples, each with its own
             stop test (this package's models). Default ``False``: ``y0`` is one state, as
@@ -124,30 +79,35 @@ def odeint_steady_state(func: Callable[[Tensor, Tensor], Tensor], y0: Tensor, *,
     if batched and (y0.dim() == 0 or y0.shape[0] == 0):
         raise ValueError(f"batched=True needs a non-empty first dimension, got y0 of shape {tuple(y0.shape)}")
     solver = steady_state_solver(method, options or {})
-    settings = dict(solver=solver, atol=positive_float("atol", atol), rtol=non_negative_float("rtol", rtol),
-                    max_steps=positive_int("max_steps", max_steps), sensitivity=sensitivity,
-                    atol_adjoint=non_negative_float("adjoint_atol", adjoint_atol),
-                    rtol_adjoint=non_negative_float("adjoint_rtol", adjoint_rtol), args={}, input_grad=True)
+    solve_options = SolveOptions(positive_float("atol", atol), non_negative_float("rtol", rtol),
+                                 positive_int("max_steps", max_steps))
+    sens, on_failure = make_sensitivity(
+        sensitivity, rtol_adjoint=optional(non_negative_float, "adjoint_rtol", adjoint_rtol),
+        atol_adjoint=optional(non_negative_float, "adjoint_atol", adjoint_atol), forward_tol=max(atol, rtol),
+        names=("adjoint_rtol", "adjoint_atol", "on_failure"))
     if adjoint_params is None:
         adjoint_params = tuple(func.parameters()) if isinstance(func, nn.Module) else ()
     adjoint_params = tuple(adjoint_params)
     for p in adjoint_params:
         if not isinstance(p, Tensor):
             raise TypeError(f"adjoint_params must be tensors, got {type(p).__name__}")
-    field = _Field(func, y0.shape, batched)
-    t_start = torch.tensor(float(t0), dtype=y0.dtype, device=y0.device)
+    shape = y0.shape
 
-    records = []
+    t0 = float(t0)
 
-    def run(y: Tensor) -> Tensor:
-        z = y.detach() if batched else y.detach().reshape(1, -1)
-        _, trajectory, record = _solve_steady_state(field, z, t_start, **settings)
-        records.append(record)
-        return trajectory[-1] if batched else trajectory[-1].view(y0.shape)
+    def g(t: Tensor, z: Tensor) -> Tensor:  # y itself (batched) or y flattened into one row
+        t = t + t0 if t0 else t
+        if batched:
+            return func(t, z)
+        dy = func(t, z.view(shape))
+        return dy.reshape(z.shape) if isinstance(dy, Tensor) and dy.shape == shape else dy  # else the Field's error
 
-    if torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in adjoint_params)):
-        y_star = _SteadyState.apply(run, y0, *adjoint_params)
-    else:
-        with torch.no_grad():
-            y_star = run(y0)
-    return (y_star, records[-1]) if return_solution else y_star
+    field = Field(g, y0, label="func(t, y)")
+    z0 = y0.detach() if batched else y0.detach().reshape(1, -1)
+    # y0 among the tensors that get gradients: zeros, as y* does not depend on where the solve starts
+    params = adjoint_params + ((y0,) if y0.requires_grad else ())
+    differentiate = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+    z_star, record = implicit_solve(field, z0, solver, solve_options, sens, on_failure=on_failure,
+                                    differentiate=differentiate, params=params if differentiate else None)
+    y_star = z_star if batched else z_star.view(shape)
+    return (y_star, record) if return_solution else y_star

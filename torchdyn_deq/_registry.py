@@ -1,11 +1,14 @@
 """The names accepted at the torchdyn boundary, turned into objects once."""
 from __future__ import annotations
 
-from typing import Union
+import functools
+import inspect
+from typing import Optional, Tuple, Union
 
 import torch.nn as nn
 from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
+from ._solution import check_failure_mode
 from ._initializers import Initializer, InputInitializer, SkipRegInitializer, ZerosInitializer
 from ._linear_solvers import GMRES
 from ._loop import SteadyStateSolver
@@ -53,24 +56,87 @@ _UNSUPPORTED_REASON = "implicit Euler minimises with LBFGS at every step; the le
 _UNSUPPORTED_TORCHDYN = ("ieuler", "implicit_euler", "alf", "AsynchronousLeapfrog")
 
 
-def make_sensitivity(sensitivity: Union[str, Sensitivity], rtol_adjoint: float, atol_adjoint: float,
-                     on_failure: str) -> Sensitivity:
-    """``'steady_state'`` (GMRES at the adjoint tolerances), ``'autograd'``, ``'jacobian_free'``
-    and ``'phantom'`` (approximate; ``PhantomSensitivity()``'s defaults), or an instance."""
+def make_sensitivity(sensitivity: Union[str, Sensitivity], *, rtol_adjoint: Optional[float] = None,
+                     atol_adjoint: Optional[float] = None, on_failure: Optional[str] = None, forward_tol: float,
+                     names: Tuple[str, str, str] = ("rtol_adjoint", "atol_adjoint", "on_failure")
+                     ) -> Tuple[Sensitivity, str]:
+    """The door's sensitivity and its forward ``on_failure``, by one rule for every door.
+
+    ``'steady_state'`` is ``SteadyStateSensitivity()``: GMRES at the forward tolerance, relative
+    to each sample's cotangent; ``rtol_adjoint`` / ``atol_adjoint`` replace that tolerance
+    (``rtol`` defaults to ``forward_tol = max(atol, rtol)`` then). ``'autograd'``,
+    ``'jacobian_free'``, ``'phantom'`` (``PhantomSensitivity()``'s defaults), or an instance.
+    With an instance, an adjoint option (which the instance sets itself, or does not use) is a
+    ``ValueError`` naming both: which one wins is never left unsaid. The names of the
+    approximate and autograd sensitivities run no linear solve: the adjoint tolerances (the
+    ``'steady_state'`` backward's, on the same keyword) do not apply to them.
+    ``names`` are the door's spellings of the three options, for the messages.
+    """
+    given = [(n, v) for n, v in zip(names[:2], (rtol_adjoint, atol_adjoint)) if v is not None]
     if isinstance(sensitivity, Sensitivity):
-        return sensitivity
+        own = getattr(sensitivity, "on_failure", None)
+        if on_failure is not None and own is not None and on_failure != own:
+            given.append((names[2], on_failure))
+        if given:
+            options = ", ".join(f"{n}={v!r}" for n, v in given)
+            raise ValueError(f"{options} and sensitivity={sensitivity!r} both configure the backward pass: set it on the "
+                             "instance (SteadyStateSensitivity(GMRES(rtol=..., atol=...), on_failure=...)), or pass "
+                             f"sensitivity='steady_state' with {options}")
+        return sensitivity, check_failure_mode(on_failure or own or "warn")
+    on_failure = check_failure_mode("warn" if on_failure is None else on_failure)
     if sensitivity == "steady_state":
-        return SteadyStateSensitivity(GMRES(rtol=rtol_adjoint, atol=atol_adjoint), on_failure=on_failure)
-    if sensitivity == "autograd":
-        return AutogradSensitivity()
-    if sensitivity == "jacobian_free":
-        return JacobianFreeSensitivity()
-    if sensitivity == "phantom":
-        return PhantomSensitivity()
-    hint = ""
-    if sensitivity in ("adjoint", "interpolated_adjoint"):
-        hint = " (a backsolve from t = infinity has no meaning; the steady-state VJP replaces it)"
-    raise ValueError(f"unknown sensitivity {sensitivity!r}{hint}; valid: {_names(SENSITIVITIES)} or a Sensitivity instance")
+        linear = None if not given else GMRES(rtol=forward_tol if rtol_adjoint is None else rtol_adjoint,
+                                                atol=atol_adjoint or 0.0)
+        return SteadyStateSensitivity(linear, on_failure=on_failure), on_failure
+    made = {"autograd": AutogradSensitivity, "jacobian_free": JacobianFreeSensitivity,
+            "phantom": PhantomSensitivity}.get(sensitivity) if isinstance(sensitivity, str) else None
+    if made is None:
+        hint = ""
+        if sensitivity in ("adjoint", "interpolated_adjoint"):
+            hint = " (a backsolve from t = infinity has no meaning; the steady-state VJP replaces it)"
+        raise ValueError(f"unknown sensitivity {sensitivity!r}{hint}; valid: {_names(SENSITIVITIES)} or a Sensitivity instance")
+    return made(), on_failure
+
+
+def torchdyn_stepper(solver: SteadyStateSolver):
+    """The torchdyn stepper (name or instance) that integrates over finite times what ``solver``
+    integrates to the steady state: its own for `ODESteadyStateSolver`, ``'tsit5'`` otherwise."""
+    return solver.stepper if isinstance(solver, ODESteadyStateSolver) else "tsit5"
+
+
+def steady_state_solver(method: str, options: dict):
+    """The package's solver ``method`` built with ``options`` (its constructor's keywords);
+    unknown options are a ``ValueError`` that lists the valid ones. Built once per
+    configuration (a functional call reuses it, as a model reuses its own solver), when the
+    options are hashable."""
+    cls = ROOT_SOLVERS.get(method) or (VCAB3 if method == "vcab3" else ODESteadyStateSolver)
+    valid = _constructor_options(cls)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown options {unknown} for method={method!r}; valid options: {list(valid)}")
+    try:
+        return _built(method, tuple(sorted(options.items())))
+    except TypeError:  # an unhashable option value: built for this call only
+        return _build(method, options)
+
+
+def _build(method: str, options: dict):
+    if method in ROOT_SOLVERS:
+        return ROOT_SOLVERS[method](**options)
+    return VCAB3(**options) if method == "vcab3" else ODESteadyStateSolver(method, **options)
+
+
+@functools.lru_cache(maxsize=64)
+def _built(method: str, options: tuple):
+    return _build(method, dict(options))
+
+
+@functools.lru_cache(maxsize=None)
+def _constructor_options(cls: type) -> Tuple[str, ...]:
+    """The keyword names of ``cls``'s constructors along its MRO (the solver's options)."""
+    return tuple(sorted({name for klass in type.mro(cls) if "__init__" in vars(klass)
+                         for name, p in inspect.signature(klass.__init__).parameters.items()
+                         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self", "stepper"}))
 
 
 def make_initializer(initializer: Union[str, Initializer]) -> Initializer:

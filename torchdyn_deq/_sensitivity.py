@@ -1,37 +1,41 @@
 """How gradients reach the parameters and the input through the steady state."""
 from __future__ import annotations
 
-import weakref
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ._checks import float_in, positive_int
 from ._linear_solvers import GMRES, LinearSolver
-from ._solution import NonFiniteError, Result, SteadyStateSolution, check_failure_mode, report_failure
+from ._solution import BackwardRecord, NonFiniteError, Result, SolveOptions, check_failure_mode, report_failure
+
+
+Cotangent = Optional[Callable[[Tensor], Tensor]]
 
 
 class Sensitivity:
     """Base class. ``implicit`` sensitivities run the forward solve without autograd and
-    attach gradients at the steady state with ``attach(gz, z_leaf, record, field)``; the
-    others backpropagate through the solve.
+    define the backward pass at the steady state with ``attach``; the others backpropagate
+    through the solve.
 
-    ``attach`` receives ``gz = g(z_leaf)`` computed with autograd, the detached steady state
-    ``z_leaf`` (requires grad), the solve's record, and ``field(z) = g(t*, z)``, the vector
-    field with gradients enabled (for sensitivities that evaluate it again, such as phantom
-    gradients); it returns a tensor equal to ``z*`` whose backward pass is the sensitivity's.
+    ``attach(gz, z_leaf, field, options, record) -> (out, cotangent)`` receives
+    ``gz = g(t*, z_leaf)`` computed with autograd, the detached steady state ``z_leaf``
+    (requires grad), ``field(z) = g(t*, z)`` with gradients enabled (for sensitivities that
+    evaluate it again, such as phantom gradients), the forward solve's `SolveOptions` and the
+    `BackwardRecord` to fill in. It returns the tensor ``out`` whose graph carries the
+    gradients and the map from the cotangent ``v`` of ``z*`` to the cotangent of ``out``
+    (``None``: ``v`` itself). `implicit_solve` applies the one backward function with them.
     """
 
     implicit: bool = False
 
-    def attach(self, gz: Tensor, z_leaf: Tensor, record: SteadyStateSolution,
-               field: Callable[[Tensor], Tensor]) -> Tensor:
+    def attach(self, gz: Tensor, z_leaf: Tensor, field: Callable[[Tensor], Tensor], options: SolveOptions,
+               record: BackwardRecord) -> Tuple[Tensor, Cotangent]:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({opts})"
 
 
@@ -41,6 +45,17 @@ class AutogradSensitivity(Sensitivity):
     Exact gradients of the computed solution, memory growing with the number of steps.
     Useful as a reference for the implicit gradients; slower for training.
     """
+
+
+def backward_tolerance(options: SolveOptions) -> float:
+    """The default relative tolerance of the implicit backward linear solve: the forward's,
+    ``max(atol, rtol)``, relative to each sample's cotangent (no absolute floor).
+
+    The gradient is only as accurate as the steady state it is taken at, and that is set by the
+    forward tolerance: a tighter backward solve costs iterations without making the gradient
+    more accurate (measured on the MNIST model: ``benchmarks/results/backward_tolerance.md``).
+    Relative per sample, the gradient's relative accuracy does not depend on the loss scale."""
+    return max(options.atol, options.rtol)
 
 
 class SteadyStateSensitivity(Sensitivity):
@@ -58,34 +73,45 @@ class SteadyStateSensitivity(Sensitivity):
     is kept for the backward pass.
 
     Args:
-        linear_solver: a `LinearSolver`. Default ``GMRES()`` (restarted GMRES,
-            ``rtol=1e-5``): it converges on any non-singular system, which the
-            Neumann series does not.
+        linear_solver: a `LinearSolver`. Default ``None``: restarted ``GMRES`` (it converges
+            on any non-singular system, which the Neumann series does not) at the forward
+            solve's tolerance (`backward_tolerance`), the same default as
+            ``sensitivity='steady_state'`` on every door.
         on_failure: ``'warn'`` (default) or ``'raise'`` when the linear solve does not reach
-            its tolerance within its iteration budget.
+            its tolerance, or when the forward solve it differentiates did not converge.
     """
 
     implicit = True
 
     def __init__(self, linear_solver: Optional[LinearSolver] = None, on_failure: str = "warn"):
-        if linear_solver is None:
-            linear_solver = GMRES()
-        if not isinstance(linear_solver, LinearSolver):
+        if linear_solver is not None and not isinstance(linear_solver, LinearSolver):
             raise TypeError(f"linear_solver must be a LinearSolver (GMRES, FixedPointSolver, DirectSolver), got {linear_solver!r}")
         self.linear_solver = linear_solver
         self.on_failure = check_failure_mode(on_failure)
+        self._derived = {}  # forward tolerance -> its GMRES, built once
 
-    def attach(self, gz: Tensor, z_leaf: Tensor, record: SteadyStateSolution,
-               field: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-        """Return a tensor equal to ``z_leaf`` whose backward pass is the implicit solve.
+    def solver_for(self, options: SolveOptions) -> LinearSolver:
+        """The linear solver of a backward pass after a forward solve with ``options``."""
+        if self.linear_solver is not None:
+            return self.linear_solver
+        tol = backward_tolerance(options)
+        if tol not in self._derived:
+            self._derived[tol] = GMRES(rtol=tol, atol=0.0)
+        return self._derived[tol]
 
-        ``gz = g(z_leaf)`` must have been computed with autograd enabled, ``z_leaf`` a
-        detached copy of the steady state that requires grad.
-        """
-        return _ImplicitBackward.apply(gz, z_leaf.detach(), self, z_leaf, record)
+    def attach(self, gz: Tensor, z_leaf: Tensor, field: Callable[[Tensor], Tensor], options: SolveOptions,
+               record: BackwardRecord) -> Tuple[Tensor, Cotangent]:
+        """``(gz, v -> w)``: the cotangent of ``g(z*)`` is the solution ``w`` of the implicit system."""
+        solver = self.solver_for(options)
+        return gz, lambda v: self.solve_adjoint(gz, z_leaf, v, record, solver)
 
-    def solve_adjoint(self, gz: Tensor, z_leaf: Tensor, v: Tensor, record: SteadyStateSolution) -> Tensor:
+    def solve_adjoint(self, gz: Tensor, z_leaf: Tensor, v: Tensor, record: BackwardRecord,
+                      linear_solver: Optional[LinearSolver] = None) -> Tensor:
         """Solve ``(dg/dz)^T w = -v`` at the steady state; returns ``w`` shaped like ``v``."""
+        linear_solver = self.linear_solver if linear_solver is None else linear_solver
+        if linear_solver is None:
+            raise ValueError("solve_adjoint needs a linear solver: this sensitivity derives its own from the forward "
+                             "solve's tolerance (solver_for(options))")
         batch, shape = v.shape[0], v.shape
         # half-precision states: the Krylov arithmetic in float32 (no half triangular solve on CPU)
         work = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
@@ -98,38 +124,22 @@ class SteadyStateSensitivity(Sensitivity):
         if not bool(torch.isfinite(b).all()):
             raise NonFiniteError("the cotangent of the steady state contains NaN or inf: the loss or the layers after "
                                  "the DEQ produced it. " + Result.non_finite.remedy)
-        w, info = self.linear_solver.solve(matvec, b)
-        record.backward_iters, record.backward_residual = info.iters, info.residual
+        w, info = linear_solver.solve(matvec, b)
+        record.iters, record.residual = info.iters, info.residual
+        cause = f"{record.cause}. Then: " if record.cause else ""  # the cause before the symptom
         if not bool(torch.isfinite(w).all()):
-            raise NonFiniteError(f"non-finite values appeared in the implicit backward linear solve "
-                                 f"({self.linear_solver!r}, {info.iters} iterations): the vector-Jacobian products "
+            raise NonFiniteError(f"{cause}non-finite values appeared in the implicit backward linear solve "
+                                 f"({linear_solver!r}, {info.iters} iterations): the vector-Jacobian products "
                                  "of g at z* are not finite. " + Result.non_finite.remedy)
         if not info.converged:
             report_failure(
-                f"the implicit backward linear solve ({self.linear_solver!r}) stopped after {info.iters} "
+                f"{cause}the implicit backward linear solve ({linear_solver!r}) stopped after {info.iters} "
                 f"iterations ({info.result}) at relative residual {info.residual:.3g}: gradients are inaccurate. "
                 + (Result.breakdown.remedy[0].upper() + Result.breakdown.remedy[1:] if info.result is Result.breakdown else
                    "Raise max_iters, loosen rtol, solve the forward pass more tightly, or add Jacobian regularization"),
                 self.on_failure,
             )
         return w.view(shape).to(v.dtype)
-
-
-class _ImplicitBackward(torch.autograd.Function):
-    """Identity on ``z*`` in the forward pass; in the backward pass it turns the cotangent
-    ``v`` of ``z*`` into ``w`` and sends it into ``g(z*)``, whose own graph then carries
-    ``w^T dg/dtheta`` and ``w^T dg/dx`` to the parameters and the input."""
-
-    @staticmethod
-    def forward(ctx, gz, z_star, sensitivity, z_leaf, record):
-        ctx.gz, ctx.z_leaf, ctx.sensitivity, ctx.record = gz, z_leaf, sensitivity, record
-        return z_star.clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, v):
-        w = ctx.sensitivity.solve_adjoint(ctx.gz, ctx.z_leaf, v, ctx.record)
-        return w, None, None, None, None
 
 
 class JacobianFreeSensitivity(Sensitivity):
@@ -148,11 +158,11 @@ class JacobianFreeSensitivity(Sensitivity):
 
     implicit = True
 
-    def attach(self, gz: Tensor, z_leaf: Tensor, record: SteadyStateSolution,
-               field: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-        """``z*`` in value; in the backward pass the cotangent ``v`` goes into ``g(z*)`` as is
-        (no linear solve: ``record.backward_iters`` stays ``None``)."""
-        return z_leaf.detach() + (gz - gz.detach())
+    def attach(self, gz: Tensor, z_leaf: Tensor, field: Callable[[Tensor], Tensor], options: SolveOptions,
+               record: BackwardRecord) -> Tuple[Tensor, Cotangent]:
+        """The cotangent ``v`` goes into ``g(z*)`` as is (no linear solve: ``record.iters``
+        stays ``None``)."""
+        return gz, None
 
 
 class PhantomSensitivity(Sensitivity):
@@ -189,21 +199,16 @@ class PhantomSensitivity(Sensitivity):
         self.steps = positive_int("steps", steps)
         self.damping = float_in("damping", damping, 0.0, 1.0)
 
-    def attach(self, gz: Tensor, z_leaf: Tensor, record: SteadyStateSolution,
-               field: Callable[[Tensor], Tensor]) -> Tensor:
-        """``z*`` in value, the phantom gradient in the backward pass. The first step reuses
-        ``gz = g(z*)``; the other ``k - 1`` evaluate ``field``."""
+    def attach(self, gz: Tensor, z_leaf: Tensor, field: Callable[[Tensor], Tensor], options: SolveOptions,
+               record: BackwardRecord) -> Tuple[Tensor, Cotangent]:
+        """The phantom steps from ``z*`` and the cotangent ``v`` into their end. The first step
+        reuses ``gz = g(z*)``; the other ``k - 1`` evaluate ``field``."""
         z = z_leaf + self.damping * gz
         for _ in range(self.steps - 1):
             z = z + self.damping * field(z)
-        out = z_leaf.detach() + (z - z.detach())
-        if out.requires_grad:
-            # a weak reference: the record holds ``out``, a strong one would be a cycle through
-            # autograd's C++ graph that Python's garbage collector cannot see
-            steps, ref = self.steps, weakref.ref(record)
+        steps = self.steps
 
-            def count(grad: Tensor) -> None:  # the cost appears once a backward pass used it
-                if ref() is not None:
-                    ref().backward_iters = steps
-            out.register_hook(count)
-        return out
+        def count(v: Tensor) -> Tensor:  # the cost appears once a backward pass used it
+            record.iters = steps
+            return v
+        return z, count

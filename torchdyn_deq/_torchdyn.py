@@ -20,14 +20,17 @@ import inspect
 from typing import Callable, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
 from torch import Tensor
+from torchdyn.core.defunc import DEFunc, DEFuncBase
 from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
 from . import _torchdyn_registry
-from ._ode import VCAB3, ODESteadyStateSolver
-from ._models import InfiniteTimeNeuralODE
-from ._registry import ODE_SOLVERS, ROOT_SOLVERS, SENSITIVITIES
-from ._sensitivity import Sensitivity
+from ._field import module_field
+from ._implicit import implicit_solve, per_solve
+from ._registry import ODE_SOLVERS, SENSITIVITIES, make_sensitivity, make_solver
+from ._sensitivity import AutogradSensitivity, Sensitivity
+from ._solution import SolveOptions
 from ._vcab3_stepper import VCAB3Stepper
 
 # our names at the torchdyn boundary: a name added to _registry.SENSITIVITIES is registered too
@@ -62,6 +65,7 @@ def install() -> str:
     reg.register_sensitivity(Sensitivity, steady_state_factory)
     for name, cls in SOLVERS.items():
         reg.register_solver(name, cls)
+    reg.register_steady_state(functional_steady_state)
     _state["hooks"] = "shim" if reg is _torchdyn_registry else "torchdyn"
     return _state["hooks"]
 
@@ -162,10 +166,10 @@ def _wrap_functional_odeint() -> None:
     module.odeint = torchdyn.numerics.odeint = odeint
 
 
-# ---------------------------------------------------------------------------- our sensitivities
+# ---------------------------------------------------------------------------- the door into implicit_solve
 def steady_state_factory(problem) -> Callable:
     """The registered factory of this package's sensitivities: ``solve(vf_params, x, t_span,
-    save_at, args)`` integrates ``problem`` to its steady state and differentiates implicitly."""
+    save_at, args)`` integrates ``problem`` to its steady state through `implicit_solve`."""
     name = problem.sensalg if isinstance(problem.sensalg, str) else type(problem.sensalg).__name__
     for option, value in (("interpolator", problem.interpolator), ("integral_loss", problem.integral_loss)):
         if value is not None:
@@ -179,36 +183,102 @@ def steady_state_factory(problem) -> Callable:
         if not _torchdyn_registry.is_steady_state_span(t_span):
             end = float(torch.as_tensor(t_span).reshape(-1)[-1])
             raise ValueError(f"sensitivity={name!r} solves to the steady state, at t = inf, but t_span ends at {end:g}: "
-                             "pass t_span=torch.tensor([0., float('inf')]), or use torchdyn's 'autograd' / 'adjoint' for "
-                             "a finite end time")
+                             "pass t_span=torch.tensor([0., float('inf')]) (inside nn.Sequential, where no t_span can "
+                             "be passed: model.t_span = torch.tensor([0., float('inf')])), or use torchdyn's "
+                             "'autograd' / 'adjoint' for a finite end time")
         if len(save_at):
             raise ValueError("save_at has no meaning for t_span = [t0, inf]: the solve ends at the steady state")
-        # torchdyn's default atol_adjoint (1e-4 in NeuralODE, 1e-6 in ODEProblem) is an absolute floor:
-        # as the GMRES tolerance it returned zero gradients for every sample with a smaller cotangent.
-        # The backward is relative (rtol_adjoint); an atol_adjoint the user set is kept as the floor
-        atol_adjoint = 0.0 if problem.atol_adjoint in _torchdyn_atol_adjoint_defaults() else problem.atol_adjoint
-        t_eval, sol, record = _solve_steady_state(
-            problem.vf, x, t_span[0], solver=problem.solver, atol=problem.atol, rtol=problem.rtol,
-            max_steps=getattr(problem, "max_steps", _torchdyn_registry.DEFAULT_MAX_STEPS), sensitivity=problem.sensalg,
-            atol_adjoint=atol_adjoint, rtol_adjoint=problem.rtol_adjoint, args=args, owner=problem)
-        problem.solution = record
-        return t_eval, sol
+        solver, sensitivity, on_failure, options = _configuration(problem)
+        return _steady_state(problem, problem.vf, x, t_span, solver, options, sensitivity, on_failure, args)
     return solve
 
 
+def _steady_state(problem, vf, x: Tensor, t_span: Tensor, solver, options, sensitivity, on_failure: str, args: dict):
+    """``(t_eval, [x, z*])`` of ``vf`` (torchdyn's ``DEFunc`` / ``DEFuncBase`` or a ``(t, z)``
+    callable) from ``x``; the record goes to ``problem.solution`` (when there is a problem)."""
+    controlled = [m for _, m in vf.named_modules() if hasattr(m, "_control")] if isinstance(vf, nn.Module) else []
+    for module in controlled:  # torchdyn's DataControl holds x.detach(): the injected input's true gradient
+        module._control = x
+    fn, order = _call(vf)
+    field = module_field(fn, x, args, order=order, module=vf if isinstance(vf, nn.Module) else None)
+    parameters = vf.parameters() if isinstance(vf, nn.Module) else ()
+    differentiate = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in parameters))
+    keep = (lambda record: setattr(problem, "solution", record)) if problem is not None else None
+    try:
+        with per_solve(vf if isinstance(vf, nn.Module) else None):
+            z_star, record = implicit_solve(field, x, solver, options, sensitivity, on_failure=on_failure,
+                                            differentiate=differentiate, keep=keep)
+    finally:
+        if isinstance(vf, nn.Module) and hasattr(vf, "nfe"):
+            vf.nfe += field.nfe  # torchdyn's vf.nfe, read from the solve's one count
+        for module in controlled:
+            module._control = module._control.detach()
+    t_eval = t_span[0] + torch.tensor([0.0, record.t], dtype=x.dtype, device=x.device)
+    return t_eval, torch.stack([x, z_star.to(x.dtype)])
+
+
+def _call(vf) -> Tuple[Callable, int]:
+    """``(fn(t, z, args=...), order)``: what torchdyn's wrapper ``vf`` calls, without its per-call
+    module scan and count (the `Field` does both once)."""
+    if isinstance(vf, DEFunc):
+        if vf.integral_loss is not None:
+            raise ValueError("integral_loss belongs to finite-time integration; a steady-state solve uses none")
+        return vf.vf, vf.order
+    if isinstance(vf, DEFuncBase):
+        inner = vf.vf
+        return (inner if vf.has_time_arg else lambda t, z, args=None: inner(z)), 1
+    return (lambda t, z, args=None: vf(t, z)), 1
+
+
+def _configuration(problem):
+    """The solver, sensitivity, forward ``on_failure`` and `SolveOptions` of ``problem``, built
+    once per configuration and kept on the problem (a VCAB3 stepper's history, GMRES built once)."""
+    max_steps = getattr(problem, "max_steps", _torchdyn_registry.DEFAULT_MAX_STEPS)
+    key = (problem.solver, problem.sensalg, problem.atol, problem.rtol, problem.atol_adjoint, problem.rtol_adjoint,
+           max_steps, getattr(problem, "on_failure", None))
+    cached = problem.__dict__.get(_CONFIG)
+    if cached is not None and all(a is b or a == b for a, b in zip(cached[0], key)):
+        return cached[1]
+    defaults = _adjoint_defaults(type(problem))
+    # torchdyn's default adjoint tolerances (1e-4 in NeuralODE, 1e-6 in ODEProblem; atol an absolute
+    # GMRES floor that returned zero gradients for small cotangents) are not a user's choice: the
+    # package's one rule applies (relative, at the forward tolerance); a value the user set is kept
+    rtol_adjoint = None if problem.rtol_adjoint == defaults.get("rtol_adjoint") else problem.rtol_adjoint
+    atol_adjoint = None if problem.atol_adjoint == defaults.get("atol_adjoint") else problem.atol_adjoint
+    sensitivity, on_failure = make_sensitivity(problem.sensalg, rtol_adjoint=rtol_adjoint, atol_adjoint=atol_adjoint,
+                                               on_failure=getattr(problem, "on_failure", None),
+                                               forward_tol=max(problem.atol, problem.rtol))
+    value = (make_solver(_solver_name(problem.solver)), sensitivity, on_failure,
+             SolveOptions(problem.atol, problem.rtol, max_steps))
+    problem.__dict__[_CONFIG] = (key, value)  # __dict__: not a registered submodule, lives with the problem
+    return value
+
+
+def functional_steady_state(f: Callable, x: Tensor, t_span: Tensor, solver, atol: float, rtol: float,
+                            max_steps: int, args: dict) -> Tuple[Tensor, Tensor]:
+    """torchdyn's functional ``odeint`` and its own sensitivities (``'autograd'``) with ``t_span``
+    ending at ``inf``: the same core, backpropagating through the steps (the steady-state
+    solve torchdyn's registry hands to the package registered with it)."""
+    options = SolveOptions(atol, rtol, max_steps)
+    return _steady_state(None, f, x, torch.as_tensor(t_span).to(x), make_solver(_solver_name(solver)), options,
+                         AutogradSensitivity(), "warn", args)
+
+
 @functools.lru_cache(maxsize=None)
-def _torchdyn_atol_adjoint_defaults() -> frozenset:
-    """The ``atol_adjoint`` defaults of torchdyn's ``NeuralODE`` and ``ODEProblem`` (read from their
-    signatures, where they declare one)."""
-    from torchdyn.core.neuralde import NeuralODE
-    from torchdyn.core.problems import ODEProblem
-    params = (inspect.signature(cls.__init__).parameters.get("atol_adjoint") for cls in (NeuralODE, ODEProblem))
-    return frozenset(p.default for p in params if p is not None and p.default is not inspect.Parameter.empty)
+def _adjoint_defaults(cls: type) -> dict:
+    """The ``atol_adjoint`` / ``rtol_adjoint`` defaults that ``cls`` (a torchdyn problem class)
+    declares, read from the first signature in its MRO that has them."""
+    out = {}
+    for name in ("atol_adjoint", "rtol_adjoint"):
+        for klass in cls.__mro__:
+            p = inspect.signature(klass.__init__).parameters.get(name) if "__init__" in vars(klass) else None
+            if p is not None and p.default is not inspect.Parameter.empty:
+                out[name] = p.default
+                break
+    return out
 
-_ENGINE = "_torchdyn_deq_engine"  # the problem's cached (configuration, engine), in its __dict__
 
-
-# ---------------------------------------------------------------------------- the engine call
+_CONFIG = "_torchdyn_deq_configuration"  # the problem's cached (configuration, built objects), in its __dict__
 
 
 def _solver_name(solver):
@@ -221,57 +291,3 @@ def _solver_name(solver):
         if type(solver) is SOLVER_DICT.get(name):
             return name
     return solver
-
-
-def steady_state_solver(method: str, options: dict):
-    """The package's solver ``method`` built with ``options`` (its constructor's keywords);
-    unknown options are a ``ValueError`` that lists the valid ones."""
-    if method in ROOT_SOLVERS:
-        cls, make = ROOT_SOLVERS[method], ROOT_SOLVERS[method]
-    elif method == "vcab3":
-        cls = make = VCAB3
-    else:
-        cls, make = ODESteadyStateSolver, functools.partial(ODESteadyStateSolver, method)
-    valid = sorted({name for klass in type.mro(cls) if "__init__" in vars(klass)
-                    for name, p in inspect.signature(klass.__init__).parameters.items()
-                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self", "stepper"})
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown options {unknown} for method={method!r}; valid options: {valid}")
-    return make(**options)
-
-
-def _solve_steady_state(vector_field, x: Tensor, t0: Tensor, *, solver, atol: float, rtol: float, max_steps: int,
-                        sensitivity, atol_adjoint: float, rtol_adjoint: float, args: dict, owner=None,
-                        input_grad: bool = False):
-    """Every call of this module (and of `odeint_steady_state`) into the package's solve
-    machinery: an `InfiniteTimeNeuralODE` around ``vector_field`` (``(t, z, args)``),
-    reused per ``owner`` while the configuration stays the same.
-
-    Returns ``(t_eval, trajectory, record)``: ``[t0, t*]``, ``[z0, z*]`` with ``z*``'s
-    backward pass the sensitivity's, and the solve's `SteadyStateSolution` (its ``z_star``
-    and ``z0`` detached: the graph lives in ``trajectory``, so models holding the record
-    still deep-copy). ``input_grad`` differentiates even when neither ``x`` nor the field's
-    parameters require grad (closures over tensors, `odeint_steady_state`).
-    """
-    solver = _solver_name(solver)
-    config = (vector_field, solver, atol, rtol, max_steps, sensitivity, atol_adjoint, rtol_adjoint)
-    # kept on the owner itself (not a global table): it lives and dies with the model, whatever
-    # references the vector field holds back to it; __dict__, so it is not a registered submodule
-    cached = owner.__dict__.get(_ENGINE) if owner is not None else None
-    if cached is not None and all(a is b or a == b for a, b in zip(cached[0], config)):
-        engine = cached[1]
-    else:
-        engine = InfiniteTimeNeuralODE(vector_field, solver=solver, atol=atol, rtol=rtol, sensitivity=sensitivity,
-                                       atol_adjoint=atol_adjoint, rtol_adjoint=rtol_adjoint, max_steps=max_steps)
-        if owner is not None:
-            owner.__dict__[_ENGINE] = (config, engine)
-    engine.training = owner.training if owner is not None else True
-    if input_grad and torch.is_grad_enabled() and not x.requires_grad:
-        x = x.detach().requires_grad_()  # z0 = x: makes the engine attach the implicit backward
-    t_span = torch.stack([torch.as_tensor(t0, dtype=x.dtype, device=x.device).reshape(()),
-                          torch.tensor(float("inf"), dtype=x.dtype, device=x.device)])
-    t_eval, trajectory = engine(x, t_span, (), args)
-    record = engine.solution
-    record.z_star, record.z0 = record.z_star.detach(), record.z0.detach()
-    return t_eval, trajectory, record

@@ -10,20 +10,18 @@ calls it itself.
 - `check_sensitivity(sensitivity)`: the check `ODEProblem` makes at construction: an unknown
   name is a `ValueError` that lists the valid ones.
 - A `t_span` ending at `inf` means "integrate until the state stops moving":
-  `is_steady_state_span`, `odeint_steady_state` (torchdyn's steppers with a steady-state
-  termination and a `max_steps` bound) and `problem_steady_state` (the dispatch for
-  torchdyn's own sensitivities).
+  `is_steady_state_span`, and the one hook `register_steady_state(solve)` that a package with
+  a steady-state solver fills (torchdyn holds no second solve loop); `odeint_steady_state` and
+  `problem_steady_state` (the dispatch for torchdyn's own sensitivities) call it.
 """
 import math
-import warnings
 from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from torchdyn.numerics.solvers.ode import SOLVER_DICT, str_to_solver
-from torchdyn.numerics.utils import adapt_step, hairer_norm, init_step
+from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
 BUILTIN_SENSITIVITIES = ('autograd', 'adjoint', 'interpolated_adjoint')
 # torchdyn's own solver names, as found when this module is first imported: never replaced
@@ -33,6 +31,8 @@ DEFAULT_MAX_STEPS = 100
 
 # name (or class whose instances are accepted as `sensitivity=`) -> factory(problem) -> solve
 _SENSITIVITIES: Dict[Union[str, type], Callable] = {}
+# 'solve' -> the registered steady-state solve (`register_steady_state`)
+_STEADY_STATE: Dict[str, Callable] = {}
 
 
 def _names(names: Iterable) -> str:
@@ -170,61 +170,53 @@ def is_steady_state_span(t_span) -> bool:
     return True
 
 
+def register_steady_state(solve: Callable, overwrite: bool = False) -> None:
+    """Make `t_span = [t0, inf]` solvable: `solve(f, x, t_span, solver, atol, rtol, max_steps, args)`
+    integrates `dx/dt = f(t, x)` from `t_span[0]` until the state stops moving and returns
+    `(t_eval, sol)` = `([t0, t_end], [x0, x_end])`, differentiable by backpropagation.
+
+    torchdyn holds no steady-state solver of its own: this is the one hook a package that has one
+    (torchdyn-deq) fills, so that the stop test, the step budget and the failure report live in
+    one place. Registering the same function again does nothing.
+
+    Args:
+        solve: the steady-state solve.
+        overwrite: replace a function registered earlier by another package.
+    """
+    if not callable(solve):
+        raise TypeError(f'solve must be callable as solve(f, x, t_span, solver, atol, rtol, max_steps, args), got {solve!r}')
+    current = _STEADY_STATE.get('solve')
+    if current is not None and not overwrite and not _same(current, solve):
+        raise ValueError(f'a steady-state solve is already registered ({current!r}); pass overwrite=True to replace it')
+    _STEADY_STATE['solve'] = solve
+
+
 def odeint_steady_state(f: Callable, x: Tensor, t_span: Tensor, solver: Union[str, nn.Module], atol: float = 1e-3,
                         rtol: float = 1e-3, max_steps: int = DEFAULT_MAX_STEPS, args: Dict = {}) -> Tuple[Tensor, Tensor]:
-    """Integrate `dx/dt = f(t, x)` from `t_span[0]` until the state stops moving,
-
-        hairer_norm(f(t, x) / (atol + rtol |x|)) <= 1,
-
-    the norm and scaling of torchdyn's step control, taken over the whole batch. Steps are
-    torchdyn's adaptive steps with the same tolerances (`init_step`, `adapt_step`);
-    gradients flow by backpropagation through them.
+    """Integrate `dx/dt = f(t, x)` from `t_span[0]` until the state stops moving, with the
+    registered steady-state solve (`register_steady_state`); gradients by backpropagation.
 
     Args:
         f: the vector field, `f(t, x)`.
         x: the initial state.
         t_span: `[t0, inf]`.
-        solver: an adaptive solver name or stepper ('tsit5', 'dopri5', ...).
-        atol, rtol: the stop tolerances, also the step tolerances. Default 1e-3, `NeuralODE`'s.
-        max_steps: bound on steps, accepted and rejected. Default 100: a solve that needs
-            more is stiff or has no stable steady state; it ends with a warning.
-        args: passed on to `solver.step`.
+        solver: a solver name or stepper ('tsit5', 'dopri5', ...).
+        atol, rtol: the stop tolerances. Default 1e-3, `NeuralODE`'s.
+        max_steps: bound on steps, accepted and rejected. Default 100.
+        args: passed on to the vector field.
 
     Returns:
         `(t_eval, sol)`: `t_eval = [t0, t_end]`, `sol = [x0, x_end]`.
     """
-    if type(solver) == str:
-        solver = str_to_solver(solver, x.dtype)
-    if getattr(solver, 'stepping_class', None) != 'adaptive':
-        raise ValueError(f'integrating to t = inf needs an adaptive solver (\'tsit5\', \'dopri5\', ...), got {solver!r}: '
-                         'a fixed step has no end time to divide')
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f'max_steps must be a positive integer, got {max_steps!r}')
     if not is_steady_state_span(t_span):
         raise ValueError(f't_span must be [t0, inf] for a steady-state solve, got {torch.as_tensor(t_span).tolist()}')
-    x, t_span = solver.sync_device_dtype(x, torch.as_tensor(t_span).to(x))
-    x0, t = x, t_span[:1]
-
-    def stopped(dx: Tensor, x: Tensor) -> bool:
-        return bool(hairer_norm(dx / (atol + rtol * x.abs())) <= 1)
-
-    k1 = f(t, x)
-    steps, done = 0, stopped(k1, x)
-    if not done:
-        dt = init_step(f, k1, x, t, solver.order, atol, rtol)
-    while not done and steps < max_steps:
-        f_new, x_new, x_err, _ = solver.step(f, x, t, dt, k1=k1, args=args)
-        steps += 1
-        error_ratio = hairer_norm(x_err / (atol + rtol * torch.max(x.abs(), x_new.abs())))
-        if error_ratio <= 1:
-            t, x, k1 = t + dt, x_new, f_new
-            done = stopped(k1, x)
-        dt = adapt_step(dt, error_ratio, solver.safety, solver.min_factor, solver.max_factor, solver.order)
-    if not done:
-        warnings.warn(f'no steady state within max_steps={max_steps} (t={float(t.detach()):.4g}): |dx/dt| is still above '
-                      f'atol={atol:g} + rtol={rtol:g} |x|. Raise max_steps, loosen atol/rtol, or check that the '
-                      'vector field has a stable steady state', RuntimeWarning, stacklevel=2)
-    return torch.cat([t_span[:1], t]), torch.stack([x0, x])
+    solve = _STEADY_STATE.get('solve')
+    if solve is None:
+        raise ValueError('t_span ends at inf, a steady-state solve, and none is registered: install a package that '
+                         'registers one (torchdyn-deq: `import torchdyn_deq`), or integrate to a finite end time')
+    return solve(f, x, t_span, solver, atol, rtol, max_steps, args)
 
 
 def problem_steady_state(problem, x: Tensor, t_span: Tensor, save_at=(), args: Dict = {}) -> Tuple[Tensor, Tensor]:

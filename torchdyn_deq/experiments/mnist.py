@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import torchdyn_deq as td
 from torchdyn_deq.experiments.cli import comma_separated, positive, seed_list
 from torchdyn_deq.experiments.lightning import LitClassifier
-from torchdyn_deq.experiments.baselines import InjectedNeuralODE
-from torchdyn_deq.experiments.classifier import ImplicitClassifier
+from torchdyn_deq._baselines import InjectedNeuralODE
+from torchdyn_deq._classifier import ImplicitClassifier
 from torchdyn_deq.experiments.reporting import machine_info, markdown_table, plot_time_ratios
 
 N_PIXELS, HIDDEN, N_CLASSES = 784, 128, 10

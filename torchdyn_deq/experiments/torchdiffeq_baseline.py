@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 from torchdiffeq import odeint_adjoint
 
-from .baselines import InjectedField
+from .._baselines import InjectedField
 from .mnist import HIDDEN
 
 

@@ -1,7 +1,7 @@
 """The classifiers of the paper's CIFAR-10 experiments (section 4.2, Tables 2 and 3): MDEQ-small
 and MDEQ-large as continuous DEQ (VCAB3), discrete DEQ (L-Broyden), Vanilla / Skip / Skip Reg.,
 and the Multiscale Neural ODE with input injection (the experiments' shared baseline,
-``torchdyn_deq.experiments.baselines``)."""
+``torchdyn_deq._baselines``)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -9,12 +9,12 @@ from typing import Optional, Sequence, Tuple
 import torch.nn as nn
 from torch import Tensor
 
+from .._baselines import InjectedNeuralODE
+from .._classifier import ImplicitClassifier
 from .._initializers import SkipInitializer, SkipRegInitializer
 from .._linear_solvers import GMRES
 from .._models import DEQ
 from .._sensitivity import SteadyStateSensitivity
-from ..experiments.baselines import InjectedNeuralODE
-from ..experiments.classifier import ImplicitClassifier
 from .layers import ClassificationHead, InjectionStem, MDEQLayer, SkipPredictor
 from .state import MultiscaleState
 

@@ -24,10 +24,12 @@ INF = torch.tensor([0., float('inf')])
 
 @pytest.fixture
 def restore():
-    sensitivities, solvers = dict(registry._SENSITIVITIES), dict(SOLVER_DICT)
+    sensitivities, solvers, steady = dict(registry._SENSITIVITIES), dict(SOLVER_DICT), dict(registry._STEADY_STATE)
     yield
     registry._SENSITIVITIES.clear()
     registry._SENSITIVITIES.update(sensitivities)
+    registry._STEADY_STATE.clear()
+    registry._STEADY_STATE.update(steady)
     SOLVER_DICT.clear()
     SOLVER_DICT.update(solvers)
 
@@ -98,17 +100,27 @@ def test_steady_state_spans():
             registry.is_steady_state_span(torch.tensor(bad))
 
 
-def test_odeint_steady_state_stops_at_the_steady_state():
+def test_odeint_steady_state_is_the_registered_solve(restore):
     x0 = torch.zeros(4, 3)
-    t_eval, sol = registry.odeint_steady_state(damped, x0, INF, 'dopri5', atol=1e-6, rtol=1e-6)
-    assert t_eval.shape == (2,) and float(t_eval[0]) == 0 and 5 < float(t_eval[1]) < 100
-    assert sol.shape == (2, 4, 3) and float((sol[-1] - 1).abs().max()) < 1e-5
-    with pytest.warns(RuntimeWarning, match='max_steps=2'):
-        registry.odeint_steady_state(damped, x0, INF, 'dopri5', max_steps=2)
-    with pytest.raises(ValueError, match='adaptive solver'):
-        registry.odeint_steady_state(damped, x0, INF, 'euler')
+    calls = []
+
+    def solve(f, x, t_span, solver, atol, rtol, max_steps, args):  # a stand-in: one Euler step of 1
+        calls.append((solver, atol, rtol, max_steps))
+        return t_span[:1].repeat(2), torch.stack([x, x + f(t_span[:1], x)])
+
+    registry._STEADY_STATE.clear()
+    with pytest.raises(ValueError, match='none is registered'):
+        registry.odeint_steady_state(damped, x0, INF, 'dopri5')
+    registry.register_steady_state(solve)
+    registry.register_steady_state(solve)  # idempotent
+    with pytest.raises(ValueError, match='already registered'):
+        registry.register_steady_state(lambda *a: None)
+    t_eval, sol = registry.odeint_steady_state(damped, x0, INF, 'dopri5', atol=1e-6, rtol=1e-5, max_steps=7)
+    assert calls == [('dopri5', 1e-6, 1e-5, 7)] and sol.shape == (2, 4, 3) and float((sol[-1] - 1).abs().max()) == 0
     with pytest.raises(ValueError, match='max_steps'):
         registry.odeint_steady_state(damped, x0, INF, 'dopri5', max_steps=0)
+    with pytest.raises(ValueError, match=r'\[t0, inf\]'):
+        registry.odeint_steady_state(damped, x0, torch.linspace(0, 1, 2), 'dopri5')
 
 
 def test_problem_to_infinity_with_torchdyns_own_sensitivities():
@@ -129,7 +141,7 @@ def test_problem_to_infinity_with_torchdyns_own_sensitivities():
     with torch.no_grad():
         assert float((f(sol[-1]) - sol[-1]).abs().max()) < 1e-5
     model.max_steps = 1
-    with pytest.warns(RuntimeWarning):
+    with pytest.warns(UserWarning):  # the registered solve reports the budget
         model(x, INF)
     with pytest.raises(ValueError, match="sensitivity='autograd'"):
         NeuralODE(f, sensitivity='adjoint')(x, INF)

@@ -3,8 +3,8 @@
 Both experiments (MNIST, section 4.1; CIFAR-10 with MDEQs, section 4.2) compare the DEQs with
 the same implicit layer ``f(z, x)`` used as the vector field of a Neural ODE,
 ``dz/dt = f(z, x)``, integrated from ``z(0) = 0`` over ``t in [0, 1]``. This module holds that
-baseline once; it imports only torch and torchdyn, so the model zoo of
-``torchdyn_deq.multiscale`` can build it too.
+baseline once, in the package (it imports only torch and torchdyn), so that the model zoo of
+``torchdyn_deq.multiscale`` builds it without importing the experiments.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class InjectedNeuralODE(nn.Module):
 
     Examples:
         >>> import torch, torch.nn as nn
-        >>> from torchdyn_deq.experiments.baselines import InjectedNeuralODE
+        >>> from torchdyn_deq._baselines import InjectedNeuralODE
         >>> class F(nn.Module):
         ...     def forward(self, z, x):
         ...         return torch.tanh(z + x)

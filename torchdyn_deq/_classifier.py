@@ -1,4 +1,4 @@
-"""The implicit-classifier protocol of both experiments: ``inputs -> x -> core -> z -> logits``.
+"""The implicit-classifier protocol of the experiments and the model zoo: ``inputs -> x -> core -> z -> logits``.
 
 The Lightning module (``LitClassifier``) and the benchmarks read the same four things from every
 classifier, whether its core is a DEQ (with a solution record) or the Neural ODE baseline
@@ -12,7 +12,7 @@ from typing import Dict, Optional
 import torch.nn as nn
 from torch import Tensor
 
-from .._solution import SteadyStateSolution
+from ._solution import SteadyStateSolution
 
 
 class ImplicitClassifier(nn.Module):
