@@ -24,7 +24,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    model = td.mdeq_small(args.form, args.variant)        # stem -> DEQ(MDEQLayer) -> head
+    model = td.multiscale.mdeq_small(args.form, args.variant)        # stem -> DEQ(MDEQLayer) -> head
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=2.5e-6)
     images, labels = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
     record = {}

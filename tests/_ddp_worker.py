@@ -71,10 +71,10 @@ def multiscale_layer(seed: int):
     """The contractive 2-scale MDEQ layer of tests/test_multiscale.py (2 channels at 8x8, 4 at
     4x4): Bai et al.'s small convolutions and a post-fusion GroupNorm scale of 0.1; injected
     input (2, 8, 8)."""
-    state = td.MultiscaleState([(2, 8, 8), (4, 4, 4)])
+    state = td.multiscale.MultiscaleState([(2, 8, 8), (4, 4, 4)])
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        f = td.MDEQLayer(state, injection_channels=2, expansion=2, groups=2).to(DTYPE)
+        f = td.multiscale.MDEQLayer(state, injection_channels=2, expansion=2, groups=2).to(DTYPE)
         td.multiscale.init_weights(f, 0.01)
     with torch.no_grad():
         for post in f.fusion.post:

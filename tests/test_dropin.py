@@ -10,6 +10,7 @@ from torchdyn.datasets import ToyDataset
 from torchdyn.nn import DataControl
 
 import torchdyn_deq as td
+from torchdyn_deq._loop import scaled_residual
 
 
 class Learner(pl.LightningModule):
@@ -84,7 +85,7 @@ def test_same_interface_as_neuralode():
     field.net[0]._control = x
     dz = field(sol[-1])
     assert (dz.abs() <= 1e-4 + 1e-4 * sol[-1].abs()).float().mean() > 0.9
-    assert td.scaled_residual(dz, sol[-1], 1e-4, 1e-4).max() <= 1
+    assert scaled_residual(dz, sol[-1], 1e-4, 1e-4).max() <= 1
     nfe_before = model.vf.nfe
     model(x)  # training: one extra evaluation at z*, with gradients, for the implicit backward
     assert model.vf.nfe == nfe_before + model.solution.nfe + 1

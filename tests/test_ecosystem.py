@@ -2,6 +2,7 @@
 DepthCat, Augmenter (save / load: tests/test_serialization.py)."""
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -136,18 +137,37 @@ def test_depthcat_sees_the_solver_time():
     assert field.seen[0] == 0.0 and max(field.seen) > 1.0
     assert max(field.seen) == pytest.approx(float(t_eval[-1]), rel=1e-5)
     sol[-1].sum().backward()
-    assert field.c.weight.grad is not None
+    # c enters through exp(-t): at the steady state (t = t*) its gradient is the implicit function
+    # theorem's at t*, d sum(z*) / dc = sum_i e D_i (I - W^T D_i)^-1 1 with e = exp(-t*),
+    # D_i = diag(1 - tanh(a_i)^2): a backward evaluated at another time would be off by exp(t*)
+    with torch.no_grad():
+        z, e, W = sol[-1], math.exp(-float(t_eval[-1])), field.lin.weight
+        D = 1 - torch.tanh(field.lin(z) + e * field.c.weight[:, 0]) ** 2
+        lam = torch.linalg.solve(torch.eye(4) - W.T[None] * D[:, None, :], torch.ones(5, 4))
+    torch.testing.assert_close(field.c.weight.grad[:, 0], (e * D * lam).sum(0), rtol=1e-3, atol=0)
 
 
 # ---------------------------------------------------------------------------- Augmenter
 def test_augmenter_in_front():
+    tight = dict(atol=1e-6, rtol=1e-6, max_steps=500)
     model = nn.Sequential(Augmenter(augment_idx=1, augment_dims=2),
-                          td.InfiniteTimeNeuralODE(Field(6), return_t_eval=False), Last())
+                          td.InfiniteTimeNeuralODE(Field(6), return_t_eval=False, **tight), Last())
     x = torch.randn(5, 4, requires_grad=True)
     z = model(x)
     assert z.shape == (5, 6)
     z.sum().backward()
-    assert x.grad is not None and model[1].solution.converged
+    assert model[1].solution.converged
+    # z0 = [x, 0, 0] only: the steady state of tanh(W z) - z forgets it, so the implicit gradient of x
+    # is exactly 0, while the field's parameters get backprop-through-the-solver's gradient
+    assert x.grad is not None and not x.grad.any()
+    through = nn.Sequential(Augmenter(augment_idx=1, augment_dims=2),
+                            td.InfiniteTimeNeuralODE(Field(6), return_t_eval=False, sensitivity="autograd", **tight),
+                            Last())
+    through.load_state_dict(model.state_dict())
+    through(x.detach()).sum().backward()
+    for p, q in zip(model[1].parameters(), through[1].parameters()):
+        assert p.grad.abs().sum() > 0
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4)
 
 
 def test_augmenter_with_a_deq():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -32,20 +33,21 @@ def one_thread(monkeypatch, tmp_path):
     torch.set_num_threads(threads)
 
 
-def test_steady_state_target():
-    loss = load("steady_state_target").main(["--steps", "30", "--dim", "4", "--batch", "8"])
-    assert loss < 0.2
-
-
-def test_steady_state_target_discrete():
-    loss = load("steady_state_target").main(["--steps", "5", "--dim", "4", "--batch", "8", "--solver", "anderson"])
-    assert loss == loss  # finite
+@pytest.mark.parametrize("solver, steps", [("tsit5", 30), ("anderson", 30)])
+def test_steady_state_target(solver, steps):
+    """Training through the implicit gradient alone (no other parameters) cuts the loss."""
+    example = load("steady_state_target")
+    args = ["--dim", "4", "--batch", "8", "--solver", solver]
+    initial = example.main(["--steps", "1", *args])  # the loss before any update
+    trained = example.main(["--steps", str(steps), *args])
+    assert math.isfinite(trained) and trained < 0.5 * initial, (initial, trained)
 
 
 def test_mnist_pytorch():
-    result = load("mnist_pytorch").main(["--steps", "3", "--width", "16", "--test-samples", "64",
+    result = load("mnist_pytorch").main(["--steps", "10", "--width", "16", "--test-samples", "256",
                                          "--variant", "skip_reg"])
-    assert 0.0 <= result["test_accuracy"] <= 100.0 and result["test_nfe"] > 0
+    # 10 classes: chance is 10%; 10 Adam steps reach about 40% on this seed
+    assert result["test_accuracy"] > 25.0 and result["test_nfe"] > 0, result
 
 
 def test_mnist_lightning(tmp_path):
@@ -65,10 +67,22 @@ def test_torchdyn_moons():
 
 
 def test_trajectory_supervision():
-    result = load("trajectory_supervision").main(["--steps", "3", "--width", "16", "--test-samples", "64"])
-    assert 0.0 <= result["test_accuracy"] <= 100.0 and result["test_nfe"] > 0
+    result = load("trajectory_supervision").main(["--steps", "10", "--width", "16", "--test-samples", "256"])
+    assert result["test_accuracy"] > 25.0 and result["test_nfe"] > 0, result  # chance: 10%
 
 
 def test_cifar_multiscale():
     record = load("cifar_multiscale").main(["--steps", "2", "--batch", "2"])
-    assert record["nfe"] > 0 and record["backward_iters"] > 0 and record["loss"] == record["loss"]
+    assert record["nfe"] > 0 and record["backward_iters"] > 0, record
+    assert math.isfinite(record["loss"]) and math.isfinite(record["residual"]), record
+
+
+def test_porting_torchdyn(tmp_path):
+    """The porting measurement runs, records each row (a failing one included) and writes both files."""
+    results = load("porting_torchdyn").main(["--epochs", "2", "--samples", "64", "--test-samples", "64",
+                                             "--rows", "0,2", "--out", str(tmp_path / "porting")])
+    tutorial, fixed = results["rows"]
+    assert tutorial["steps_done"] == 2 and tutorial["loss_finite"] and tutorial["forward_nfe_median"] > 0
+    assert fixed["steps_done"] == 2 and fixed["loss_finite"] and fixed["unconverged_forward"] == 0
+    assert fixed["test"]["converged"] and fixed["backward_median"] > 0
+    assert (tmp_path / "porting.json").is_file() and "| quickstart | injection + `-z` |" in (tmp_path / "porting.md").read_text()

@@ -10,6 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torchdyn_deq as td
+from torchdyn_deq._loop import scaled_residual, steady_state_solve
+from torchdyn_deq._solution import SolveOptions
 from conftest import TanhLayer
 
 torch.set_num_threads(1)
@@ -150,7 +152,7 @@ def test_inputs_requiring_grad_or_not(x_grad, params_grad):
         z.sum().backward()
         assert (x.grad is not None) == x_grad
         assert all((p.grad is not None) == params_grad for p in layer.parameters())
-        assert model.solution.backward_iters is not None
+        assert model.solution.backward_iters >= 1  # the implicit backward ran a linear solve
 
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
@@ -242,7 +244,7 @@ def test_property_steady_state_and_implicit_gradients(problem):
                    on_failure="raise")  # VCAB3 needs ~300 steps at 1e-6 on slow (rho ~ 0.9) layers
     z = model(x)[1][-1].detach()
     # (a) the reported steady state meets the tolerance, sample by sample
-    res = td.scaled_residual(layer(z, x) - z, z, atol, rtol)
+    res = scaled_residual(layer(z, x) - z, z, atol, rtol)
     assert res.shape == (x.shape[0],) and bool((res <= 1).all()), res
 
     # (b) implicit gradients = backprop through the solver, at tight tolerances. Root solvers
@@ -283,7 +285,7 @@ def test_no_steady_state_ends_with_its_result_code_within_the_budget(solver):
     step, the residual never falls. Either way the solve ends within its budget with a code
     that says so, never 'max_steps' (whose remedy, more steps, would not help)."""
     z0 = torch.zeros(2, 3, dtype=torch.float64)
-    sol = td.steady_state_solve(lambda t, z: torch.ones_like(z), z0, solver, td.SolveOptions(1e-3, 0.0, 3000))
+    sol = steady_state_solve(lambda t, z: torch.ones_like(z), z0, solver, SolveOptions(1e-3, 0.0, 3000))
     assert sol.result in (td.Result.diverged, td.Result.stalled) and not sol.converged, sol.result
     assert sol.iterations < 3000 and math.isfinite(sol.t)
     assert "More steps will not help" in sol.message or "stopped falling" in sol.message
@@ -294,8 +296,8 @@ def test_tsit5_does_not_stall_on_a_stiff_field(lam, tol):
     """dz/dt = -lam (z - 1): tsit5 is stable for lam dt < ~3.5. With the step tolerance floored
     at 1e-6, error control alone let the step hover at that boundary (3000 steps, 643
     rejected, residual stuck at 1e2-1e4); the estimated stability limit keeps it inside."""
-    sol = td.steady_state_solve(lambda t, z: -lam * (z - 1.0), torch.zeros(2, 3, dtype=torch.float64),
-                                td.ODESteadyStateSolver("tsit5"), td.SolveOptions(tol, tol, 200))
+    sol = steady_state_solve(lambda t, z: -lam * (z - 1.0), torch.zeros(2, 3, dtype=torch.float64),
+                                td.ODESteadyStateSolver("tsit5"), SolveOptions(tol, tol, 200))
     assert sol.converged and sol.iterations < 60, (sol.iterations, sol.steps_rejected)
     torch.testing.assert_close(sol.z_star, torch.ones(2, 3, dtype=torch.float64), rtol=0, atol=20 * tol)
 

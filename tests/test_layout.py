@@ -52,6 +52,22 @@ def test_multiscale_package_exports_only_public_names():
     assert {"state", "layers", "zoo"} <= {m.name for m in __import__("pkgutil").iter_modules(multiscale.__path__)}
 
 
+def test_public_api_is_what_a_user_constructs_or_catches():
+    """``torchdyn_deq.__all__``: every name once, each one defined; the machinery stays in its module."""
+    import torchdyn_deq as td
+    from torchdyn_deq import _loop, _models, _ode, _root, _step_control
+
+    assert len(td.__all__) == len(set(td.__all__)) and all(hasattr(td, name) for name in td.__all__)
+    public = {name for name in dir(td) if not name.startswith("_")}
+    assert public - set(td.__all__) <= {"experiments"}, public - set(td.__all__)  # no unlisted re-export
+    for module, name in [(_ode, "Tableau"), (_step_control, "StepController"), (_step_control, "StabilityRegion"),
+                         (_ode, "adams_bashforth_weights"), (_root, "RootSolver"), (_models, "DEQVectorField"),
+                         (_loop, "steady_state_solve"), (_loop, "SteadyStateSolver"), (_loop, "scaled_residual")]:
+        assert hasattr(module, name) and not hasattr(td, name), name
+    # the multiscale models are reached one way: td.multiscale.X
+    assert not set(multiscale.__all__) & set(td.__all__) and td.multiscale is multiscale
+
+
 def test_one_baseline_and_one_protocol():
     assert issubclass(multiscale.MultiscaleNeuralODE, InjectedNeuralODE) and issubclass(NeuralODELayer, InjectedNeuralODE)
     assert issubclass(multiscale.MDEQClassifier, ImplicitClassifier) and issubclass(MNISTNet, ImplicitClassifier)

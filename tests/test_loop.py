@@ -5,7 +5,8 @@ import warnings
 import torch
 
 import torchdyn_deq as td
-from torchdyn_deq._loop import Proposal, State, SteadyStateSolver
+from torchdyn_deq._loop import Proposal, State, SteadyStateSolver, scaled_residual, steady_state_solve
+from torchdyn_deq._solution import SolveOptions
 
 
 class EveryOtherRejected(SteadyStateSolver):
@@ -30,7 +31,7 @@ def test_rejected_proposals_never_take_the_place_of_a_check():
     """The progress / divergence check falls on every 4th *accepted* iterate: counted on all
     measured proposals, it landed on the rejected ones forever and a growing state ran to
     max_steps with the remedy 'raise max_steps'."""
-    sol = td.steady_state_solve(lambda t, z: z, torch.ones(3, 4), EveryOtherRejected(), td.SolveOptions(1e-3, 1e-3, 100))
+    sol = steady_state_solve(lambda t, z: z, torch.ones(3, 4), EveryOtherRejected(), SolveOptions(1e-3, 1e-3, 100))
     assert sol.result is td.Result.diverged and sol.steps_rejected > 0
 
 
@@ -52,8 +53,8 @@ class Scripted(SteadyStateSolver):
 def test_progress_between_checks_counts():
     """Progress is the best residual against the stretch's start, so improvements on the iterates
     between checks count even when the checked iterate itself is bad (a false 'stalled' at 36)."""
-    sol = td.steady_state_solve(lambda t, z: torch.full_like(z, 0.2), torch.zeros(1, 4), Scripted(),
-                                td.SolveOptions(1e-3, 0.0, 150))
+    sol = steady_state_solve(lambda t, z: torch.full_like(z, 0.2), torch.zeros(1, 4), Scripted(),
+                                SolveOptions(1e-3, 0.0, 150))
     assert sol.converged
 
 
@@ -68,7 +69,7 @@ def test_a_sample_at_rest_under_a_time_dependent_field_does_not_collapse_the_ste
     def g(t, z):
         return -rate * (z - c) + 1e-9 * torch.sin(t) * forcing
 
-    sol = td.steady_state_solve(g, torch.stack([c[0], torch.zeros(8)]), td.VCAB3(), td.SolveOptions(1e-4, 1e-4, 400))
+    sol = steady_state_solve(g, torch.stack([c[0], torch.zeros(8)]), td.VCAB3(), SolveOptions(1e-4, 1e-4, 400))
     assert sol.converged and sol.iterations < 100
 
 
@@ -78,8 +79,8 @@ def test_anderson_and_broyden_in_float16_do_not_overflow_their_products():
     torch.manual_seed(0)
     x = torch.randn(2, 100_000).half()
     for solver in (td.AndersonAcceleration(), td.BroydenSolver()):
-        sol = td.steady_state_solve(lambda t, z: 0.5 * z + x - z, torch.zeros_like(x), solver,
-                                    td.SolveOptions(1e-2, 1e-2, 50))
+        sol = steady_state_solve(lambda t, z: 0.5 * z + x - z, torch.zeros_like(x), solver,
+                                    SolveOptions(1e-2, 1e-2, 50))
         assert sol.converged, (solver, sol.result)
         torch.testing.assert_close(sol.z_star.float(), 2 * x.float(), atol=5e-2, rtol=2e-2)
 
@@ -114,7 +115,7 @@ def test_the_growth_credit_leaves_a_converging_solve_alone():
             z = model(x)[1][-1]
         sol = model.solution
         assert sol.converged, (solver, sol.result)
-        torch.testing.assert_close(sol.residual, td.scaled_residual(0.9 * z + x - z, z, 1e-6, 1e-6))
+        torch.testing.assert_close(sol.residual, scaled_residual(0.9 * z + x - z, z, 1e-6, 1e-6))
         torch.testing.assert_close(z, 10 * x, atol=1e-3, rtol=0)
 
 

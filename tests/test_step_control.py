@@ -6,7 +6,7 @@ import torch
 from torchdyn.numerics.solvers.ode import DormandPrince45, Euler, Tsitouras45
 
 import torchdyn_deq as td
-from torchdyn_deq._ode import rk_step
+from torchdyn_deq._ode import Tableau, rk_step
 from torchdyn_deq._step_control import ANGLES, StabilityRegion, ritz_values, spectral_moments
 
 
@@ -20,7 +20,7 @@ def _field(dtype):
 def test_tableau_step_matches_torchdyn(stepper_class):
     f = _field(torch.float64)
     x = torch.randn(4, 6, dtype=torch.float64)
-    tableau = td.Tableau.of(stepper_class(torch.float64))
+    tableau = Tableau.of(stepper_class(torch.float64))
     assert tableau.fsal  # the new state is the last stage's state: no separate b-combination
     z_new, gz_new, err, stages, ks = rk_step(f, tableau, x, f(0.0, x), 0.0, 0.37)
     k_last, x_sol, err_ref, _ = stepper_class(torch.float64).step(f, x, torch.tensor(0.0, dtype=torch.float64), 0.37)
@@ -31,19 +31,19 @@ def test_tableau_step_matches_torchdyn(stepper_class):
 
 def test_tableau_step_is_differentiable():
     f = _field(torch.float64)
-    tableau = td.Tableau.of(Tsitouras45(torch.float64))
+    tableau = Tableau.of(Tsitouras45(torch.float64))
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: rk_step(f, tableau, x, f(0.0, x), 0.0, 0.3)[0], (x,))
 
 
 def test_fixed_steppers_have_no_tableau():
-    assert td.Tableau.of(Euler(torch.float32)) is None
+    assert Tableau.of(Euler(torch.float32)) is None
     assert not td.ODESteadyStateSolver("euler").adaptive and td.ODESteadyStateSolver("tsit5").adaptive
 
 
 @pytest.mark.parametrize("region, real_axis", [
-    (td.Tableau.of(Tsitouras45(torch.float64)).region, 3.5),   # Hairer-Wanner: tsit5 ~3.5, dopri5 ~3.3
-    (td.Tableau.of(DormandPrince45(torch.float64)).region, 3.3),
+    (Tableau.of(Tsitouras45(torch.float64)).region, 3.5),   # Hairer-Wanner: tsit5 ~3.5, dopri5 ~3.3
+    (Tableau.of(DormandPrince45(torch.float64)).region, 3.3),
     (StabilityRegion.adams_bashforth3(), 6 / 11),               # AB3: exactly 6/11 on the real axis
 ])
 def test_stability_regions_on_the_negative_real_axis(region, real_axis):
@@ -91,7 +91,7 @@ def test_parallel_directions_give_the_rayleigh_quotient():
 
 
 def test_step_limit_ignores_growing_modes_and_bounds_decaying_ones():
-    region = td.Tableau.of(Tsitouras45(torch.float64)).region
+    region = Tableau.of(Tsitouras45(torch.float64)).region
     assert region.step_limit([complex(-10.0), complex(1.0)], 0.0, 0.8) == pytest.approx(0.8 * 3.5 / 10, rel=0.02)
     assert math.isinf(region.step_limit([complex(1.0), complex(0.0, 2.0)], 0.0, 0.8))
     # a per-sample magnitude above the batch's estimates tightens the limit in the same direction

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import torchdyn_deq as td
-from torchdyn_deq._loop import RULES, Proposal, State, SteadyStateSolver
+from torchdyn_deq._loop import RULES, Proposal, State, SteadyStateSolver, steady_state_solve
 
 FAMILIES = ["tsit5", "dopri5", "euler", "rk4", "vcab3", "fixed_point", "anderson", "broyden"]
 
@@ -24,7 +24,7 @@ def test_one_sample_far_off_stops_batch_relative_but_not_per_sample():
     target = torch.ones(100, 4, dtype=torch.float64)
     z0 = target.clone()
     z0[0] -= 0.05
-    runs = {rule: td.steady_state_solve(_towards(target), z0, td.ODESteadyStateSolver("tsit5"),
+    runs = {rule: steady_state_solve(_towards(target), z0, td.ODESteadyStateSolver("tsit5"),
                                         _options(rule, tol=1e-2)) for rule in ("per_sample", "batch_relative")}
     assert runs["batch_relative"].converged and runs["batch_relative"].nfe == 1  # the start already meets it
     assert runs["per_sample"].converged and runs["per_sample"].nfe > 1  # that sample had to be solved
@@ -39,7 +39,7 @@ def test_one_element_far_off_stops_per_sample_but_not_elementwise():
     target = torch.zeros(2, 10_000, dtype=torch.float64)
     z0 = target.clone()
     z0[1, 7] = 10e-3
-    runs = {rule: td.steady_state_solve(_towards(target), z0, td.ODESteadyStateSolver("tsit5"),
+    runs = {rule: steady_state_solve(_towards(target), z0, td.ODESteadyStateSolver("tsit5"),
                                         td.SolveOptions(1e-3, 0.0, 200, termination=rule))
             for rule in ("per_sample", "elementwise")}
     assert runs["per_sample"].nfe == 1 and runs["per_sample"].converged
@@ -111,7 +111,7 @@ def test_the_batch_rules_best_iterate_is_one_iterate():
     second = torch.tensor([[1.1, 1.1], [1.1, 1.1]], dtype=torch.float64)
     z0 = torch.full_like(target, 5.0)
     for rule, expected in (("per_sample", torch.stack([first[0], second[1]])), ("batch_relative", second)):
-        sol = td.steady_state_solve(_towards(target), z0, _Sequence([first, second]),
+        sol = steady_state_solve(_towards(target), z0, _Sequence([first, second]),
                                     td.SolveOptions(1e-3, 1e-3, 2, termination=rule))
         assert sol.result is td.Result.max_steps
         torch.testing.assert_close(sol.z_star, expected)
@@ -140,10 +140,10 @@ def test_batch_rules_keep_every_row_to_the_end():
         return Counted(lambda t, z: holder.value - z, z0, slots=[(holder, "value")])
 
     with torch.no_grad():
-        sol = td.steady_state_solve(make(), z0, td.ODESteadyStateSolver("tsit5", per_sample=True),
+        sol = steady_state_solve(make(), z0, td.ODESteadyStateSolver("tsit5", per_sample=True),
                                     _options("batch_relative", tol=1e-6))
         assert not calls  # the batch rule never restricted the field
-        ref = td.steady_state_solve(make(), z0, td.ODESteadyStateSolver("tsit5", per_sample=True),
+        ref = steady_state_solve(make(), z0, td.ODESteadyStateSolver("tsit5", per_sample=True),
                                     _options("per_sample", tol=1e-6))
     assert sol.converged and bool((sol.nfe_per_sample == sol.nfe).all())
     assert ref.converged and int(ref.nfe_per_sample.min()) == 1  # the rows at z* left at once there

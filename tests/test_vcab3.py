@@ -7,13 +7,14 @@ import torch
 from conftest import TanhLayer
 
 import torchdyn_deq as td
+from torchdyn_deq._ode import adams_bashforth_weights
 
 
 @pytest.mark.parametrize("nodes", [[0.0], [0.0, -0.3], [0.0, -0.3, -1.1], [0.0, -1e-3, -0.5]])
 def test_weights_integrate_polynomials_exactly(nodes):
     h = 0.7
     for degree in range(len(nodes)):
-        w = td.adams_bashforth_weights(nodes, h)
+        w = adams_bashforth_weights(nodes, h)
         exact = h ** (degree + 1) / (degree + 1)
         assert math.isclose(sum(wi * s**degree for wi, s in zip(w, nodes)), exact, rel_tol=1e-10, abs_tol=1e-14)
 
@@ -30,7 +31,7 @@ def _integrate(h, nonuniform):
     while t < 2.0 - 1e-12:
         step = h * (0.6 if (nonuniform and k % 2) else 1.0)
         step = min(step, 2.0 - t)
-        w = td.adams_bashforth_weights([s - t for s in times], step)
+        w = adams_bashforth_weights([s - t for s in times], step)
         z = z + sum(wi * ei for wi, ei in zip(w, evals))
         t += step
         times, evals = [t] + times[:2], [rhs(t, z)] + evals[:2]

@@ -1,48 +1,60 @@
-"""Continuous Deep Equilibrium Models (infinite-time Neural ODEs) for torchdyn."""
+"""Continuous Deep Equilibrium Models (infinite-time Neural ODEs) for torchdyn.
+
+The top level holds what a user constructs, passes or catches; the machinery behind it (the one
+solve loop, step control, tableaus, solver base classes, ...) is importable
+from its module (``torchdyn_deq._loop``, ``torchdyn_deq._ode``, ...). Multiscale models live
+in ``torchdyn_deq.multiscale``.
+"""
 from ._dropout import (VariationalDropout, VariationalDropout1d, VariationalDropout2d, VariationalDropout3d,
                        reset_dropout)
 from ._initializers import (Initializer, InputInitializer, SkipInitializer, SkipRegInitializer,
                             ZerosInitializer)
 from ._linear_solvers import GMRES, DirectSolver, FixedPointSolver, LinearSolveInfo, LinearSolver
-from ._loop import SteadyStateSolver, scaled_residual, steady_state_solve
 from ._field import Field
 from ._implicit import implicit_solve
-from ._models import DEQ, DEQVectorField, InfiniteTimeNeuralODE
+from ._models import DEQ, InfiniteTimeNeuralODE
 from ._norms import apply_norm, remove_norm, reset_norm
-from ._ode import VCAB3, ODESteadyStateSolver, Tableau, adams_bashforth_weights
+from ._ode import VCAB3, ODESteadyStateSolver
 from ._regularizers import JacobianPenalty, spectral_radius
-from ._root import AndersonAcceleration, BroydenSolver, FixedPointIteration, RootSolver
+from ._root import AndersonAcceleration, BroydenSolver, FixedPointIteration
 from ._sensitivity import (AutogradSensitivity, JacobianFreeSensitivity, PhantomSensitivity, Sensitivity,
                            SteadyStateSensitivity)
-from ._solution import (ConvergenceError, ConvergenceWarning, NonFiniteError, Result, SavedState, SolveOptions,
-                        SteadyStateSolution)
-from ._step_control import StabilityRegion, StepController
+from ._solution import ConvergenceError, ConvergenceWarning, NonFiniteError, Result, SolveOptions, SteadyStateSolution
 from ._trajectory import TrajectorySupervision, correction_loss
 from ._vcab3_stepper import VCAB3Stepper
 from ._torchdyn import install as _install_torchdyn, register_sensitivity, register_solver
 from ._odeint import odeint_steady_state
 from . import multiscale
-from .multiscale import (MDEQClassifier, MDEQLayer, MultiscaleNeuralODE, MultiscaleState, mdeq_large,
-                         mdeq_small)
 
 __version__ = "0.1.0"
 
 _install_torchdyn()  # 'steady_state', 'jacobian_free', 'vcab3' become torchdyn names (idempotent)
 
 __all__ = [
-    "InfiniteTimeNeuralODE", "DEQ", "DEQVectorField", "implicit_solve", "Field",
-    "steady_state_solve", "SolveOptions", "Result", "StepController", "StabilityRegion", "Tableau",
-    "SteadyStateSolver", "ODESteadyStateSolver", "VCAB3", "adams_bashforth_weights", "RootSolver", "FixedPointIteration",
-    "AndersonAcceleration", "BroydenSolver", "scaled_residual",
+    # models and the functional door
+    "InfiniteTimeNeuralODE", "DEQ",
+    "odeint_steady_state",
+    # the one core under every door: implicit_solve(Field(...), z0, solver, SolveOptions(...), sensitivity)
+    "implicit_solve", "Field", "SolveOptions",
+    # forward solvers (solver=)
+    "ODESteadyStateSolver", "VCAB3", "FixedPointIteration", "AndersonAcceleration", "BroydenSolver",
+    # sensitivities (sensitivity=) and the linear solvers of the implicit backward (LinearSolveInfo: what a
+    # custom LinearSolver returns)
     "Sensitivity", "SteadyStateSensitivity", "AutogradSensitivity", "JacobianFreeSensitivity", "PhantomSensitivity",
-    "LinearSolver", "GMRES", "FixedPointSolver", "DirectSolver", "LinearSolveInfo",
+    "LinearSolver", "LinearSolveInfo", "GMRES", "FixedPointSolver", "DirectSolver",
+    # initializers (initializer=)
     "Initializer", "ZerosInitializer", "InputInitializer", "SkipInitializer", "SkipRegInitializer",
+    # regularization, normalisation and dropout inside the layer
     "JacobianPenalty", "spectral_radius",
     "apply_norm", "reset_norm", "remove_norm",
     "VariationalDropout", "VariationalDropout1d", "VariationalDropout2d", "VariationalDropout3d", "reset_dropout",
+    # trajectory supervision
     "TrajectorySupervision", "correction_loss",
-    "SteadyStateSolution", "SavedState", "ConvergenceWarning", "ConvergenceError", "NonFiniteError",
-    "register_sensitivity", "register_solver", "VCAB3Stepper", "odeint_steady_state",
-    "multiscale", "MultiscaleState", "MDEQLayer", "MDEQClassifier", "MultiscaleNeuralODE", "mdeq_small", "mdeq_large",
+    # the solution record, its result, and what a failed solve raises or warns
+    "SteadyStateSolution", "Result", "ConvergenceWarning", "ConvergenceError", "NonFiniteError",
+    # torchdyn: registration and the VCAB3 stepper
+    "register_sensitivity", "register_solver", "VCAB3Stepper",
+    # subpackages
+    "multiscale",
     "__version__",
 ]

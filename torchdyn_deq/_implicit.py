@@ -69,7 +69,8 @@ def implicit_solve(field: Field, z0: Tensor, solver: SteadyStateSolver, options:
         field: the `Field` (its count of evaluations is the record's).
         z0: the start, ``(batch, *state)``; its graph (a Skip predictor's) is the door's business:
             ``z*`` does not depend on it.
-        solver, options: the forward solve (`steady_state_solve`).
+        solver: the forward solver (`steady_state_solve` runs it).
+        options: the forward solve's `SolveOptions` (tolerances, budget, stop rule).
         sensitivity: how gradients reach the tensors ``field`` depends on: implicit ones attach at
             ``z*`` through the one backward function, `AutogradSensitivity` backpropagates through
             the steps.

@@ -253,10 +253,66 @@ def mnist_table1_paper() -> str:
             f"({link}/comparison.md); every seed's row: [`results.json`]({link}/results.json).\n")
 
 
+@lru_cache(maxsize=None)
+def _porting_script():
+    """examples/porting_torchdyn.py as a module: its own table and setup writers (examples/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("porting_torchdyn", ROOT / "examples" / "porting_torchdyn.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def porting_torchdyn() -> str:
+    """torchdyn's quickstart and cookbook fields: the tutorial's NeuralODE, the swap alone, the edits."""
+    data, script = load("porting_torchdyn"), _porting_script()
+    return (f"{script.table(data)}\n\n{script.setup_text(data)} All fields of every row: "
+            f"[`benchmarks/results/porting_torchdyn.json`]({REPO_URL}/benchmarks/results/porting_torchdyn.json).\n")
+
+
+def porting_torchdyn_findings() -> str:
+    """The page's comparisons, computed from the same rows (so they cannot contradict the table)."""
+    rows = load("porting_torchdyn")["rows"]
+
+    def row(field: str, edits: str) -> dict:
+        return next(r for r in rows if r["field"] == field and r["edits"] == edits)
+
+    def acc(r: dict) -> str:
+        return "—" if r["test"]["accuracy"] is None else f"{100 * r['test']['accuracy']:.1f}%"
+
+    def swap(r: dict) -> str:
+        if r["error"] is not None:
+            return (f"training stopped at step {r['stopped_at'] + 1} of {r['epochs']} with "
+                    f"`{r['error'].split(':')[0]}`; the first message was about "
+                    + ("the backward GMRES solve" if "GMRES" in (r["first_message"] or "") else "something else"))
+        test = r["test"]
+        end = ("refused" if test.get("error") else
+               f"reported `{test['result']}` at t = {test['t_reached']:.3g} with max `|z*|` = {test['z_max']:.3g}")
+        return (f"it trained {r['steps_done']} steps, {r['unconverged_forward']} of them with a forward solve "
+                f"reported unconverged, to test accuracy {acc(r)}; the test solve {end}")
+
+    lines = []
+    for field, inject in (("quickstart", "injection + "), ("cookbook", "")):
+        node, alone = row(field, "none (the tutorial)"), row(field, "none (the swap alone)")
+        bare, jac, spec = (row(field, f"{inject}`-z`{extra}") for extra in ("", " + Jacobian penalty",
+                                                                               " + spectral norm"))
+        lines.append(
+            f"- **{field}**: the tutorial's NeuralODE reached {acc(node)} at a median {node['forward_nfe_median']:.0f} "
+            f"forward NFE. Swapped in unchanged, {swap(alone)}. With {inject}`-z` alone {bare['unconverged_forward']} "
+            f"of {bare['steps_done']} training solves ended unconverged (up to {bare['forward_nfe_max']:.0f} NFE, the "
+            f"`max_steps` budget), test accuracy {acc(bare)}. Adding the Jacobian penalty: {acc(jac)} at a median "
+            f"{jac['forward_nfe_median']:.0f} NFE ({jac['forward_nfe_median'] / node['forward_nfe_median']:.1f}x "
+            f"the NeuralODE's), {jac['unconverged_forward']} unconverged; spectral norm instead: {acc(spec)} at "
+            f"{spec['forward_nfe_median']:.0f} NFE, {spec['unconverged_forward']} unconverged.")
+    return "\n".join(lines) + "\n"
+
+
 GENERATORS: Dict[str, Callable[[], str]] = {
     f.__name__: f for f in (mnist_step_summary, mnist_step_times, mnist_step_work, mnist_step_findings,
                             discrete_mnist, skip_mnist, inference_mode, cifar_small_cpu, mnist_table1,
-                            backward_tolerance, overhead, mnist_table1_paper)}
+                            backward_tolerance, overhead, mnist_table1_paper, porting_torchdyn,
+                            porting_torchdyn_findings)}
 
 
 def pages() -> List[Path]:
