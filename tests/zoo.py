@@ -159,10 +159,16 @@ class Outcome:
     error: Optional[float]
 
 
-def run(case: Case, solver: str) -> Outcome:
-    """Solve ``case`` with ``solver`` under ``no_grad``; errors are outcomes too ('non_finite')."""
+TERMINATIONS = ("per_sample", "elementwise", "batch_relative")
+
+
+def run(case: Case, solver: str, termination: str = "per_sample") -> Outcome:
+    """Solve ``case`` with ``solver`` and the stop rule ``termination`` under ``no_grad``;
+    errors are outcomes too ('non_finite')."""
     dtype = case.x.dtype
     kw = dict(solver=solver, atol=case.tol, rtol=case.tol if case.rtol is None else case.rtol, max_steps=case.max_steps, initializer=case.initializer)
+    if termination != "per_sample":  # the default is not passed: the script also runs on versions without the keyword
+        kw["termination"] = termination
     if case.initializer == "input":
         model = td.InfiniteTimeNeuralODE(lambda z, _f=case.f: _f(z, None) - z, **kw)
     else:

@@ -1,8 +1,10 @@
 """The one solve loop. Every forward solver, continuous or discrete, runs through
 `steady_state_solve`, which owns what is common to all of them:
 
-- the stop test, per sample ``i``: ``rms(g(z_i) / (atol + rtol |z_i|)) <= 1`` (the Hairer
-  root-mean-square norm of torchdyn's and torchdiffeq's step control, taken per sample);
+- the stop test (`SolveOptions.termination`): by default per sample ``i``
+  ``rms(g(z_i) / (atol + rtol |z_i|)) <= 1`` (the Hairer root-mean-square norm of torchdyn's
+  and torchdiffeq's step control, taken per sample), or DiffEqCallbacks' element-wise rule, or
+  DeepEquilibriumNetworks.jl's one norm over the batch (`_Rule`);
 - the budget (``max_steps`` accepted + rejected steps), the one count of evaluations, the
   best iterate of each sample (lowest residual), per-sample termination, the non-finite,
   divergence and stall tests, the kept states, and the `SteadyStateSolution`, built once;
@@ -41,6 +43,50 @@ def scaled_residual(dz: Tensor, z: Tensor, atol: float, rtol: float) -> Tensor:
     scale = _wide(z).abs().mul_(rtol).add_(atol)  # in place: one allocation, not three
     scaled = torch.div(_wide(dz), scale, out=scale).reshape(dz.shape[0], -1)
     return torch.linalg.vector_norm(scaled, dim=1).mul_(1 / max(scaled.shape[1], 1) ** 0.5)
+
+
+class _Rule:
+    """A stop rule: the residual of an iterate, shape ``(groups,)``, ``<= 1`` where the rule is
+    met. A group is a sample (``per_sample``: samples can leave the batch once they meet it) or
+    the whole batch (one group: the batch stops, and keeps its best iterate, as one)."""
+
+    per_sample = True
+
+    def residual(self, gz: Tensor, z: Tensor, options: SolveOptions) -> Tensor:
+        raise NotImplementedError
+
+
+class _PerSample(_Rule):
+    """``rms(g(z_i) / (atol + rtol |z_i|))`` per sample."""
+
+    def residual(self, gz, z, options):
+        return scaled_residual(gz, z, options.atol, options.rtol)
+
+
+class _Elementwise(_Rule):
+    """``max(|g(z_i)| / max(atol, rtol |z_i|))`` per sample: every element has ``|g| <= atol``
+    or ``|g| <= rtol |z|`` (DiffEqCallbacks' ``allDerivPass``)."""
+
+    def residual(self, gz, z, options):
+        scale = _wide(z).abs().mul_(options.rtol).clamp_min_(options.atol)
+        ratio = torch.div(_wide(gz).abs(), scale, out=scale)
+        return ratio.reshape(gz.shape[0], -1).amax(dim=1)
+
+
+class _BatchRelative(_Rule):
+    """``||g(z)||_2 / (rtol ||g(z) + z||_2)`` over the whole batch, one group
+    (DeepEquilibriumNetworks.jl's ``norm(fx) / (norm(fx + x) + eps) < reltol``)."""
+
+    per_sample = False
+
+    def residual(self, gz, z, options):
+        g = _wide(gz)
+        image = torch.linalg.vector_norm(g + _wide(z))
+        tiny = torch.finfo(g.dtype).tiny  # the authors' eps: an image of norm 0 gives inf, never 0 / 0
+        return (torch.linalg.vector_norm(g) / (image.mul_(options.rtol).add_(tiny))).reshape(1)
+
+
+RULES = {"per_sample": _PerSample(), "elementwise": _Elementwise(), "batch_relative": _BatchRelative()}
 
 
 @dataclass
@@ -92,7 +138,8 @@ class SteadyStateSolver:
             the remaining rows, with the injected input restricted to them). Default
             ``False``: a field whose output for one sample depends on the others (batch norm
             in training mode) would change. Only for solves under ``torch.no_grad()`` (the
-            implicit sensitivities, inference).
+            implicit sensitivities, inference), and only under a per-sample stop rule
+            (``termination='batch_relative'`` stops the batch as one: no row can leave it).
     """
 
     continuous: bool = True
@@ -147,11 +194,13 @@ class _Tracker:
 
     def __init__(self, z0: Tensor, gz0: Tensor, options: SolveOptions, solver: SteadyStateSolver, nfe_start: int):
         self.options, self.solver, self.nfe_start = options, solver, nfe_start
-        batch = z0.shape[0]
+        self.rule = RULES[options.termination]
+        self.batch = batch = z0.shape[0]
+        groups = batch if self.rule.per_sample else 1
         # max |f(z0)| over the batch; with max |z0| (the first measure's size) the divergence test's unit
         self.image_size = (_wide(z0) + _wide(gz0)).abs().amax()
         self.best_z = z0
-        self.best_res = torch.full((batch,), math.inf, device=z0.device)
+        self.best_res = torch.full((groups,), math.inf, device=z0.device)
         # the best residuals of the unconverged samples (0 for converged ones) at the start of the
         # current stretch without progress
         self.reference_open = self.best_res
@@ -173,7 +222,7 @@ class _Tracker:
         divergence quantities too (a stall takes 30 steps and a divergence grows for many:
         checking them less often saves a third of the loop's tensor operations)."""
         o = self.options
-        res = scaled_residual(gz, z, o.atol, o.rtol)
+        res = self.rule.residual(gz, z, o)
         best = self._sub(self.best_res)
         new_best = torch.minimum(best, res)
         worst = new_best.amax()  # NaN propagates to the host check
@@ -260,8 +309,9 @@ class _Tracker:
             wanted = sorted({round(last * i / (n + 1)) for i in range(1, n + 1)} - {last})
             states = [min(self.evenly, key=lambda s: abs(s.step - w)) for w in wanted] if self.evenly else []
             states = sorted({s.step: s for s in states + self.states}.values(), key=lambda s: s.step)
+        residual = self.best_res if self.rule.per_sample else self.best_res.expand(self.batch).clone()
         return SteadyStateSolution(
-            z_star=self.best_z, z0=z0, residual=self.best_res, t=float(t), iterations=iterations, nfe=nfe_total,
+            z_star=self.best_z, z0=z0, residual=residual, t=float(t), iterations=iterations, nfe=nfe_total,
             nfe_per_sample=nfe_per_sample, steps_accepted=accepted, steps_rejected=rejected, result=result,
             message=message, states=states)
 
@@ -271,14 +321,16 @@ def _message(result: Result, solver: SteadyStateSolver, options: SolveOptions, t
     if result.successful:
         return ""
     where = f"t={t:.4g}, {iterations} steps" if solver.continuous else f"{iterations} iterations"
-    open_ = int((residual > 1).sum())
+    rule = options.termination
+    open_ = (f"{int((residual > 1).sum())} of {residual.numel()} samples unconverged" if RULES[rule].per_sample
+             else "one norm over the batch")
     cause = {
         Result.max_steps: f"no steady state within max_steps={options.max_steps}",
         Result.diverged: "the solve diverged",
         Result.stalled: f"the solve stalled (no unconverged sample improved by 1% in {stall} steps)",
     }[result]
     return (f"{cause} ({where}, {nfe} NFE): worst scaled residual {float(residual.max()):.3g} (1 = tolerance "
-            f"atol={options.atol:g}, rtol={options.rtol:g}), {open_} of {residual.numel()} samples unconverged. "
+            f"atol={options.atol:g}, rtol={options.rtol:g}, termination={rule!r}), {open_}. "
             f"{result.remedy[0].upper()}{result.remedy[1:]}")
 
 
@@ -315,7 +367,8 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
     k = _host_size(first)
     track.unit = 1.0 + host[1] + host[k]  # 1 + max |z0| (the first measure is a check) + max |f(z0)|
     result = track.commit(first, host[:k], count.n, 0.0, 0)
-    per_sample = solver.per_sample and count.restrict is not None and not torch.is_grad_enabled()
+    per_sample = (solver.per_sample and track.rule.per_sample and count.restrict is not None
+                  and not torch.is_grad_enabled())
     accepted = rejected = bad = 0
     pending: Optional[_Measure] = None  # an accepted iterate whose stop test is read in the next sync
     while result is None:

@@ -92,6 +92,10 @@ class InfiniteTimeNeuralODE(NeuralODE):
         trajectory: a `TrajectorySupervision`: return intermediate states of the solve with
             gradients (``sol[1:-1]``, at ``t_eval[1:-1]``) besides ``z*`` (fixed-point
             correction). Default ``None``: ``(t_eval, sol)`` holds ``[t0, t*]`` and ``[z0, z*]``.
+        termination: the stop rule (`SolveOptions`): ``'per_sample'`` (default, the test
+            above), ``'elementwise'`` (every element ``|dz/dt| <= atol`` or ``<= rtol |z|``)
+            or ``'batch_relative'`` (``||dz/dt||_2 <= rtol ||dz/dt + z||_2`` over the batch, the
+            paper's code; the batch stops as one).
 
     ``order > 1``, ``solver_adjoint``, ``interpolator``, ``integral_loss``, ``seminorm`` and
     ``save_at`` belong to finite-time integration and are refused with an error.
@@ -119,7 +123,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
                  initializer: Union[str, Initializer] = "input", state_shape: Optional[Tuple[int, ...]] = None,
                  max_steps: int = 100, on_failure: str = "warn", jacobian_penalty: Optional[JacobianPenalty] = None,
                  eval_tol_factor: float = 1.0, eval_max_steps: Optional[int] = None,
-                 trajectory: Optional[TrajectorySupervision] = None):
+                 trajectory: Optional[TrajectorySupervision] = None, termination: str = "per_sample"):
         for name, value, default in (("order", order, 1), ("solver_adjoint", solver_adjoint, None),
                                      ("interpolator", interpolator, None), ("integral_loss", integral_loss, None),
                                      ("seminorm", seminorm, False)):
@@ -137,6 +141,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
         if jacobian_penalty is not None and not isinstance(jacobian_penalty, JacobianPenalty):
             raise TypeError(f"jacobian_penalty must be a JacobianPenalty or None, got {jacobian_penalty!r}")
         on_failure = check_failure_mode(on_failure)
+        SolveOptions(atol, rtol, max_steps, termination=termination)  # validates the rule (and rtol > 0 for batch_relative)
         steady_solver = make_solver(solver)
         rtol_adjoint = max(atol, rtol) if rtol_adjoint is None else non_negative_float("rtol_adjoint", rtol_adjoint)
         sens = make_sensitivity(sensitivity, rtol_adjoint,
@@ -154,6 +159,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
         self.max_steps, self.on_failure, self.jacobian_penalty = max_steps, on_failure, jacobian_penalty
         self.eval_tol_factor, self.eval_max_steps = float(eval_tol_factor), eval_max_steps
         self.trajectory_supervision = trajectory
+        self.termination = termination
         self.solution: Optional[SteadyStateSolution] = None
 
     # ---------------------------------------------------------------- torchdyn interface
@@ -270,6 +276,7 @@ class InfiniteTimeNeuralODE(NeuralODE):
         if supervision is not None and supervision.n_states > 1:
             keep = ({"save_steps": supervision.indexing} if supervision.indexing is not None
                     else {"save_evenly": supervision.n_states - 1})
+        keep["termination"] = self.termination
         if self.training:
             return SolveOptions(self.atol, self.rtol, self.max_steps, **keep)
         budget = self.eval_max_steps is not None

@@ -12,6 +12,7 @@ from torch import Tensor
 from ._checks import boolean, non_negative_float, non_negative_int, one_of, positive_float, positive_int
 
 FAILURE_MODES = ("warn", "raise")
+TERMINATIONS = ("per_sample", "batch_relative", "elementwise")
 
 
 class ConvergenceWarning(UserWarning):
@@ -90,9 +91,10 @@ class SolveOptions:
     """What one forward solve is asked to do.
 
     Args:
-        atol: absolute tolerance of the stop test, per sample ``rms(g(z) / (atol + rtol |z|)) <= 1``;
-            ``> 0``: with ``atol = 0`` the test cannot be met where a component of ``z`` is 0.
-        rtol: its relative tolerance, ``>= 0``.
+        atol: absolute tolerance of the stop test (``termination='per_sample'``: per sample
+            ``rms(g(z) / (atol + rtol |z|)) <= 1``); ``> 0``: with ``atol = 0`` the test cannot be
+            met where a component of ``z`` is 0.
+        rtol: its relative tolerance, ``>= 0`` (``> 0`` for ``'batch_relative'``).
         max_steps: bound on solver steps (accepted + rejected) or iterations.
         budget: ``max_steps`` is a budget (inference with ``eval_max_steps``): reaching it is
             `Result.budget`, a success, instead of `Result.max_steps`.
@@ -102,6 +104,24 @@ class SolveOptions:
             whatever their number (torchdeq's ``n_states``), in memory for at most twice as
             many: every accepted iterate is kept until the buffer is full, then every other
             one is dropped and only every second later one kept. Default ``0``.
+        termination: the stop rule, on the residual ``g(z)`` (``f(z) - z`` for a DEQ):
+
+            - ``'per_sample'`` (default): each sample ``i`` meets
+              ``rms(g(z_i) / (atol + rtol |z_i|)) <= 1`` (the Hairer norm of torchdyn's and
+              torchdiffeq's step control, per sample). Samples that meet it can leave the batch
+              (``per_sample=True`` solvers).
+            - ``'elementwise'``: every element meets ``|g| <= atol`` or ``|g| <= rtol |z|``
+              (DiffEqCallbacks' ``allDerivPass``), i.e. per sample
+              ``max(|g(z_i)| / max(atol, rtol |z_i|)) <= 1``: the worst element decides, not the
+              mean. Per sample, so samples can leave the batch.
+            - ``'batch_relative'``: one norm over the whole batch,
+              ``||g(z)||_2 <= rtol ||g(z) + z||_2`` (DeepEquilibriumNetworks.jl's
+              ``norm(fx) / (norm(fx + x) + eps) < reltol``); ``atol`` is not used, as there.
+              The batch stops as one: no sample can leave it early, the best iterate is the
+              batch's, and every sample's ``residual`` is the batch's. A batch whose image
+              ``f(z*)`` is 0 cannot meet it.
+
+            The residual of every rule is the left side over the right, so ``<= 1`` means met.
     """
 
     atol: float
@@ -110,6 +130,7 @@ class SolveOptions:
     budget: bool = False
     save_steps: Tuple[int, ...] = ()
     save_evenly: int = 0
+    termination: str = "per_sample"
 
     def __post_init__(self):
         object.__setattr__(self, "atol", positive_float("atol", self.atol))
@@ -118,6 +139,10 @@ class SolveOptions:
         object.__setattr__(self, "budget", boolean("budget", self.budget))
         object.__setattr__(self, "save_steps", tuple(sorted({non_negative_int("save_steps", s) for s in self.save_steps})))
         object.__setattr__(self, "save_evenly", non_negative_int("save_evenly", self.save_evenly))
+        one_of("termination", self.termination, TERMINATIONS)
+        if self.termination == "batch_relative" and self.rtol == 0:
+            raise ValueError("termination='batch_relative' needs rtol > 0: its test ||g(z)|| <= rtol ||f(z)|| has "
+                             "no absolute part, so with rtol=0 only an exact root meets it")
 
 
 class SavedState(NamedTuple):
@@ -136,8 +161,9 @@ class SteadyStateSolution:
         z_star: the steady state, shape ``(batch, *state)``: each sample's best iterate (lowest
             scaled residual).
         z0: the starting state the solver was given.
-        residual: per-sample scaled residual ``rms(g(z*) / (atol + rtol |z*|))``, continuous and
-            discrete solvers alike; ``<= 1`` means converged.
+        residual: per-sample residual of the stop rule (``SolveOptions.termination``; by default
+            ``rms(g(z*) / (atol + rtol |z*|))``), continuous and discrete solvers alike; ``<= 1``
+            means converged. Shape ``(batch,)``; under ``'batch_relative'`` every entry is the batch's.
         t: the time reached (continuous solvers; ``0`` for discrete solvers, whose iterations
             do not advance time).
         iterations: solver steps taken, accepted and rejected (iterations for discrete solvers).
