@@ -197,11 +197,11 @@ def build_layer(variant: Variant, f: nn.Module, tol: float, recipe: Recipe = Rec
         initializer = "zeros"
     penalty = td.JacobianPenalty(weight=LAMBDA_JAC) if variant.jacobian and library_loss else None
     solver = FORMS["continuous"] if variant.form == "continuous" else recipe.discrete_solver
-    options = {"termination": recipe.termination} if recipe.termination != "per_sample" else {}
+    options = {}
     if recipe.backward_iters is not None:  # GMRES at the forward tolerance (the library's default), capped
         options["sensitivity"] = td.SteadyStateSensitivity(td.GMRES(rtol=tol, max_iters=recipe.backward_iters))
     return td.DEQ(f, solver=solver, atol=tol, rtol=tol, initializer=initializer, jacobian_penalty=penalty,
-                  max_steps=recipe.max_steps, **options)
+                  max_steps=recipe.max_steps, termination=recipe.termination, **options)
 
 
 def start_evaluations(layer: nn.Module) -> int:
