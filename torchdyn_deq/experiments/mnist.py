@@ -733,13 +733,28 @@ ATTRIBUTION_FLAGS = ("--variants vanilla,skip,skip_reg --jacobian no --forms dis
                      "--threads 1 --no-progress")
 
 
+ATTRIBUTION_SEED = 6171
+
+
 def attribution_results(directory: Path) -> Dict[str, dict]:
-    """The attribution runs' ``results.json`` found under ``directory / 'attribution'``, by name."""
+    """The attribution runs' ``results.json`` found under ``directory / 'attribution'``, by name.
+    The unchanged recipe and the tsit5 change are the discrete and continuous rows of the main run
+    in ``directory`` (seed 6171, no Jacobian regularization) where it trained as many epochs as
+    the attribution runs and no run of their own exists."""
     found = {}
     for name, _, _ in ATTRIBUTION:
         path = directory / "attribution" / name / "results.json"
         if path.exists():
             found[name] = json.loads(path.read_text())
+    main = directory / "results.json"
+    if main.exists():
+        results = json.loads(main.read_text())
+        epochs = {r["config"]["epochs"] for r in found.values()}
+        for name, form in (("authors", "discrete"), ("solver_tsit5", "continuous")):
+            rows = [r for r in results["rows"]
+                    if r["seed"] == ATTRIBUTION_SEED and r["form"] == form and not r["jacobian"]]
+            if name not in found and rows and epochs <= {results["config"]["epochs"]}:
+                found[name] = {"command": results["command"], "config": results["config"], "summary": aggregate(rows)}
     return found
 
 
@@ -925,8 +940,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit-test-batches", type=positive(int), default=None,
                         help="test on at most this many batches (smoke tests)")
     parser.add_argument("--threads", type=positive(int), default=1,
-                        help="torch.set_num_threads: at this model's size a second thread barely helps an idle "
-                             "machine and slows a shared one (benchmarks/results/mnist_threads.md)")
+                        help="torch.set_num_threads: at this model's size a second intra-op thread made every "
+                             "step many times slower on a shared machine (benchmarks/results/mnist_table1_authors/"
+                             "threads.md)")
     parser.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bar")
     return parser
 
