@@ -457,6 +457,7 @@ def test_authors_optimizer_is_adamw_with_a_cosine_schedule_over_all_steps():
     assert isinstance(mnist.LitMNIST(net, 1e-3).configure_optimizers(), torch.optim.Adam)
 
 
+@pytest.mark.slow  # four rows of three steps: about 15 s on 2 idle cores
 def test_authors_preset_runs_end_to_end_and_writes_the_authors_comparison(tmp_path):
     mnist.main(["--preset", "authors", "--variants", "vanilla,skip_reg", "--jacobian", "no", "--seeds", "0",
                 "--epochs", "1", "--limit-train-batches", "3", "--limit-test-batches", "2", "--no-progress",

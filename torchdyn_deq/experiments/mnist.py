@@ -839,6 +839,16 @@ def authors_comparison(results: dict, paper_run: Optional[dict], directory: Path
     ])
 
 
+def write_authors_comparison(directory: Path, paper_results: Path) -> None:
+    """(Re)write ``directory / 'comparison.md'`` of an authors' run from its ``results.json``,
+    the ``--preset paper`` run in ``paper_results`` and the attribution runs found (the attribution
+    script calls it once its runs are done)."""
+    results = json.loads((directory / "results.json").read_text())
+    paper_path = paper_results / "results.json"
+    paper_run = json.loads(paper_path.read_text()) if paper_path.exists() else None
+    (directory / "comparison.md").write_text(authors_comparison(results, paper_run, directory))
+
+
 def write_results(rows: Sequence[dict], args: argparse.Namespace, command: str) -> str:
     """Write results.md (mean ± std over seeds), results.json (every seed's row under ``rows``,
     the aggregate under ``summary``), comparison.md and ratios.png into ``args.out_dir``; return
@@ -858,9 +868,7 @@ def write_results(rows: Sequence[dict], args: argparse.Namespace, command: str) 
         f"{NFE_UNITS}  \nCommand: `{command}`  \nMachine: {json.dumps(results['machine'])}\n")
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=2))
     if args.arch == "authors" and args.aux_loss == "authors":
-        paper_path = args.paper_results / "results.json"
-        paper_run = json.loads(paper_path.read_text()) if paper_path.exists() else None
-        (args.out_dir / "comparison.md").write_text(authors_comparison(results, paper_run, args.out_dir))
+        write_authors_comparison(args.out_dir, args.paper_results)
     else:
         (args.out_dir / "comparison.md").write_text(paper_comparison(results))
     plot_ratios(summary, args.out_dir / "ratios.png")
