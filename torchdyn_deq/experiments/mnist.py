@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import torchdyn_deq as td
+from torchdyn_deq._solution import TERMINATIONS
 from torchdyn_deq.experiments.cli import comma_separated, positive, seed_list
 from torchdyn_deq.experiments.lightning import LitClassifier
 from torchdyn_deq.experiments.baselines import InjectedNeuralODE
@@ -54,7 +55,6 @@ MODEL_NAMES = {"vanilla": "Vanilla DEQ", "skip": "Skip DEQ", "skip_reg": "Skip R
 # cosine schedule to 1e-6 over all steps; tolerance 5e-3, at most 50 iterations, GMRES capped at 15.
 AUTHORS_SKIP_WEIGHT, AUTHORS_WEIGHT_DECAY, AUTHORS_FINAL_LR = 5.0, 2.5e-6, 1e-6
 AUTHORS_MAX_STEPS, AUTHORS_BACKWARD_ITERS, AUTHORS_SEEDS = 50, 15, "6171,3859,2961"
-TERMINATIONS = ("per_sample", "batch_relative", "elementwise")
 # Strings as on the command line: argparse parses them like typed values, so an explicit flag
 # replaces exactly one entry.
 PRESETS = {
@@ -197,11 +197,11 @@ def build_layer(variant: Variant, f: nn.Module, tol: float, recipe: Recipe = Rec
         initializer = "zeros"
     penalty = td.JacobianPenalty(weight=LAMBDA_JAC) if variant.jacobian and library_loss else None
     solver = FORMS["continuous"] if variant.form == "continuous" else recipe.discrete_solver
-    options = {}
-    if recipe.backward_iters is not None:  # GMRES at the forward tolerance (the library's default), capped
-        options["sensitivity"] = td.SteadyStateSensitivity(td.GMRES(rtol=tol, max_iters=recipe.backward_iters))
+    # a capped backward: GMRES at the forward tolerance (the library's default tolerance)
+    sensitivity = ("steady_state" if recipe.backward_iters is None else
+                   td.SteadyStateSensitivity(td.GMRES(rtol=tol, max_iters=recipe.backward_iters)))
     return td.DEQ(f, solver=solver, atol=tol, rtol=tol, initializer=initializer, jacobian_penalty=penalty,
-                  max_steps=recipe.max_steps, termination=recipe.termination, **options)
+                  max_steps=recipe.max_steps, termination=recipe.termination, sensitivity=sensitivity)
 
 
 def start_evaluations(layer: nn.Module) -> int:
@@ -849,17 +849,19 @@ def write_authors_comparison(directory: Path, paper_results: Path) -> None:
     (directory / "comparison.md").write_text(authors_comparison(results, paper_run, directory))
 
 
-def write_results(rows: Sequence[dict], args: argparse.Namespace, command: str) -> str:
+def write_results(rows: Sequence[dict], args: argparse.Namespace, command: str,
+                  machine: Optional[dict] = None) -> str:
     """Write results.md (mean ± std over seeds), results.json (every seed's row under ``rows``,
     the aggregate under ``summary``), comparison.md and ratios.png into ``args.out_dir``; return
-    the table. A run with the authors' model and loss gets the authors' comparison (beside
+    the table. ``machine``: where the rows were measured (default: this process's
+    `machine_info`). A run with the authors' model and loss gets the authors' comparison (beside
     ``--paper-results``, the committed ``--preset paper`` run, when it exists)."""
     args.out_dir.mkdir(parents=True, exist_ok=True)
     summary = aggregate(rows)
     table = results_table(summary)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    results = {"command": command, "rows": list(rows), "summary": summary, "machine": machine_info(),
-               "config": config}
+    results = {"command": command, "rows": list(rows), "summary": summary,
+               "machine": machine_info() if machine is None else machine, "config": config}
     seeds = summary[0]["seeds"]  # the finished ones
     (args.out_dir / "results.md").write_text(
         f"# MNIST, fully connected (paper Table 1)\n\n{table}\n\n"
