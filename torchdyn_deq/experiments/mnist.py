@@ -724,7 +724,8 @@ ATTRIBUTION = (
     ("skip_loss_paper", "skip loss: the paper's (0.01 · per-sample L1, Skip rows only, `z*` held fixed) instead of "
                         "5.0 · mean|z0 − z*| on every row", "--aux-loss paper"),
     ("solver_anderson", "solver: Anderson acceleration instead of fixed-point iteration", "--discrete-solver anderson"),
-    ("solver_tsit5", "solver: tsit5, the continuous form (the paper's text)", "--forms continuous"),
+    ("solver_tsit5", "solver: tsit5, the continuous form (the paper's text; the same run's continuous rows)",
+     "--forms discrete,continuous"),
     ("optimizer_adam", "optimizer: Adam at a constant 1e-3 instead of AdamW + cosine", "--optimizer adam"),
     ("arch_paper", "model: ours (tanh layer with biases, linear encoder) instead of theirs", "--arch paper"),
     ("preset_paper", "`--preset paper` itself, continuous (every change at once)", "--preset paper --forms continuous"),
@@ -733,28 +734,21 @@ ATTRIBUTION_FLAGS = ("--variants vanilla,skip,skip_reg --jacobian no --forms dis
                      "--threads 1 --no-progress")
 
 
-ATTRIBUTION_SEED = 6171
-
-
 def attribution_results(directory: Path) -> Dict[str, dict]:
     """The attribution runs' ``results.json`` found under ``directory / 'attribution'``, by name.
-    The unchanged recipe and the tsit5 change are the discrete and continuous rows of the main run
-    in ``directory`` (seed 6171, no Jacobian regularization) where it trained as many epochs as
-    the attribution runs and no run of their own exists."""
+    The unchanged recipe's run trains both forms: its discrete rows are the base, its continuous
+    rows the tsit5 change."""
     found = {}
     for name, _, _ in ATTRIBUTION:
         path = directory / "attribution" / name / "results.json"
         if path.exists():
             found[name] = json.loads(path.read_text())
-    main = directory / "results.json"
-    if main.exists():
-        results = json.loads(main.read_text())
-        epochs = {r["config"]["epochs"] for r in found.values()}
+    if "authors" in found:
+        both = found["authors"]
         for name, form in (("authors", "discrete"), ("solver_tsit5", "continuous")):
-            rows = [r for r in results["rows"]
-                    if r["seed"] == ATTRIBUTION_SEED and r["form"] == form and not r["jacobian"]]
-            if name not in found and rows and epochs <= {results["config"]["epochs"]}:
-                found[name] = {"command": results["command"], "config": results["config"], "summary": aggregate(rows)}
+            rows = [r for r in both["rows"] if r["form"] == form and not r["jacobian"]]
+            if rows:
+                found[name] = {"command": both["command"], "config": both["config"], "summary": aggregate(rows)}
     return found
 
 
@@ -774,7 +768,7 @@ def attribution_table(found: Dict[str, dict]) -> str:
     """One row per attribution run: what changed, the epochs, each variant's NFE (ours), and Skip /
     Skip Reg.'s training speed-ups over Vanilla (forward + backward + update, and wall time)."""
     rows = []
-    for name, what, _ in ATTRIBUTION:
+    for name, what, flags in ATTRIBUTION:
         if name not in found:
             continue
         results = found[name]
@@ -782,13 +776,13 @@ def attribution_table(found: Dict[str, dict]) -> str:
         speed = _speedups(results)
         nfe = " / ".join(f"{by[v]['test_nfe']:.1f}" if v in by else "—" for v in DEQ_VARIANTS)
         cells = [f"{speed[v][i]:.2f}x" if v in speed else "—" for v in ("skip", "skip_reg") for i in (0, 1)]
-        rows.append((what, str(results["config"]["epochs"]), nfe, *cells))
+        rows.append((what, f"`{flags}`" if flags else "", str(results["config"]["epochs"]), nfe, *cells))
     paper = [_ratio(_mean(PAPER[("vanilla", False)]["train"]), _mean(PAPER[(v, False)]["train"]))
              for v in ("skip", "skip_reg")]
-    rows.append(("the paper's Table 1", "25", " / ".join(PAPER[(v, False)]["nfe"].split(" ±")[0] for v in DEQ_VARIANTS),
+    rows.append(("the paper's Table 1", "", "25", " / ".join(PAPER[(v, False)]["nfe"].split(" ±")[0] for v in DEQ_VARIANTS),
                  paper[0], "—", paper[1], "—"))
-    return markdown_table(("Run (one change from `--preset authors`)", "Epochs", "Test NFE (ours): V / S / SR",
-                           "Skip speed-up", "(wall)", "Skip Reg. speed-up", "(wall)"), rows, align="lrrrrrr")
+    return markdown_table(("Run (one change from `--preset authors`)", "Flags", "Epochs", "Test NFE (ours): V / S / SR",
+                           "Skip speed-up", "(wall)", "Skip Reg. speed-up", "(wall)"), rows, align="llrrrrrr")
 
 
 def attribution_text(found: Dict[str, dict]) -> str:
