@@ -361,9 +361,9 @@ def train_and_test(variant: Variant, seed: int, args: argparse.Namespace, train_
         # counted, not printed: a capped solve (the authors' 50 iterations, 15 GMRES iterations) is part
         # of their recipe, and thousands of warnings would bury the log
         warnings.simplefilter("always", td.ConvergenceWarning)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         trainer.fit(model, train_loader)
-        train_time = time.perf_counter() - start
+        train_time, train_cpu = time.perf_counter() - start, time.process_time() - start_cpu
         trainer.test(model, test_loader, verbose=False)
     unconverged = {"forward": 0, "backward": 0}
     for warning in caught:
@@ -378,7 +378,7 @@ def train_and_test(variant: Variant, seed: int, args: argparse.Namespace, train_
         "test_nfe": statistics.fmean(model.test_nfe),
         "test_nfe_paper": statistics.fmean(model.test_nfe_paper) if model.test_nfe_paper else None,
         "step_time_s": sum(model.step_times), "step_cpu_s": sum(model.step_cpu_times),
-        "train_time_s": train_time,
+        "train_time_s": train_time, "train_cpu_s": train_cpu,
         "backward_time_s": statistics.median(model.backward_times),
         "predict_time_s": statistics.median(model.predict_times),
         "train_steps": trainer.global_step, "test_samples": model.test_seen,
@@ -418,8 +418,9 @@ MEASURED = (("test_accuracy", "Test Accuracy (%)", ".2f"), ("test_nfe", "Test NF
             ("backward_time_s", "Backward Pass (s / batch)", ".4f"),
             ("predict_time_s", "Prediction Time (s / batch)", ".4f"))
 NEWER = ("test_nfe_paper", "step_time_s")
-# aggregated, not tabled: the same forward + backward + update in CPU time (the attribution's measure)
-CPU_TIME = ("step_cpu_s", "CPU Time (s): fwd + bwd + update", ".2f")
+# aggregated, not tabled: forward + backward + update and the whole fit in CPU time (robust to a
+# shared machine: the attribution's measure)
+CPU_TIMES = (("step_cpu_s", "CPU Time (s): fwd + bwd + update", ".2f"), ("train_cpu_s", "CPU Time (s): fit", ".2f"))
 
 
 def aggregate(rows: Sequence[dict]) -> List[dict]:
@@ -435,7 +436,7 @@ def aggregate(rows: Sequence[dict]) -> List[dict]:
         first = group[0]
         out = {key: first[key] for key in ("model", "variant", "form", "jacobian", "params")}
         out["seeds"] = [row["seed"] for row in group]
-        for key, _, _ in (*MEASURED, CPU_TIME):
+        for key, _, _ in (*MEASURED, *CPU_TIMES):
             values = [row.get(key) for row in group]
             if any(v is None for v in values):
                 if all(key in row for row in group):
@@ -669,54 +670,80 @@ def paper_comparison(results: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- the authors' recipe beside the paper
+# Training timings of a row, by what they time: (key, label). The first is the attribution's measure.
+TIMINGS = (("step_cpu_s", "CPU, fwd + bwd + update"), ("train_cpu_s", "CPU, whole fit"),
+           ("step_time_s", "wall, fwd + bwd + update"), ("train_time_s", "wall, whole fit"))
+TIMING_NOTE = ("On the shared 2-core machine (a load average of 8-12 from other work while these ran) wall times "
+               "depend on what else ran at the moment; CPU time (one intra-op thread: the step's work runs in the "
+               "calling thread) measures the work itself, so the speed-ups are read in CPU time, the paper's "
+               "forward + backward + update; the wall-clock ones are beside them.")
+
+
+def _speedup(table: Dict, name: str, form: str, jac: bool, key: str) -> Optional[float]:
+    base, row = table.get(("vanilla", form, jac)), table.get((name, form, jac))
+    if base is None or row is None or base.get(key) is None or row.get(key) is None:
+        return None
+    return base[key] / row[key]
+
+
+def _x(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def _nfe_both(row: Optional[dict]) -> str:
+    if row is None:
+        return "—"
+    theirs = row.get("test_nfe_paper")
+    if theirs is None:  # older results: the same conversion from their mean
+        theirs = paper_nfe(row["test_nfe"], 1 if row["variant"] == "skip_reg" else 0)
+    return f"{row['test_nfe']:.2f} / {theirs:.2f}"
+
+
 def authors_side_by_side(authors: dict, paper_run: Optional[dict]) -> str:
     """The paper's six rows beside ``--preset paper`` (continuous, tsit5, as committed) and
-    ``--preset authors`` (discrete, the rows the paper's numbers came from, and continuous):
-    accuracy, NFE in both units, training speed-ups over Vanilla (same form and Jacobian
-    setting) by forward + backward + update and by wall time."""
+    ``--preset authors`` (discrete: the rows the paper's numbers came from; continuous where the
+    run has them): accuracy and NFE in both units."""
     ours, theirs = _ours(authors), _ours(paper_run) if paper_run else {}
-
-    def row_of(table: dict, name: str, form: str, jac: bool) -> Optional[dict]:
-        return table.get((name, form, jac))
-
-    def nfe_both(row: Optional[dict]) -> str:
-        if row is None:
-            return "—"
-        paper_units = row.get("test_nfe_paper")
-        if paper_units is None:  # older results: the same conversion from their mean
-            paper_units = paper_nfe(row["test_nfe"], 1 if row["variant"] == "skip_reg" else 0)
-        return f"{row['test_nfe']:.2f} / {paper_units:.2f}"
-
-    def speedup(table: dict, name: str, form: str, jac: bool, timing: Callable[[dict], float]) -> str:
-        base, row = row_of(table, "vanilla", form, jac), row_of(table, name, form, jac)
-        return "—" if base is None or row is None else _ratio(timing(base), timing(row))
-
-    def wall(row: dict) -> float:
-        return row["train_time_s"]
-
     rows = []
     for name, jac, *_ in PAPER_TABLE1:
-        paper, vanilla = PAPER[(name, jac)], PAPER[("vanilla", jac)]
-        disc, cont, pp = (row_of(ours, name, "discrete", jac), row_of(ours, name, "continuous", jac),
-                          row_of(theirs, name, "continuous", jac))
-        rows.append((MODEL_NAMES[name], _yes_no(jac),
-                     paper["accuracy"].split(" ±")[0], "—" if pp is None else f"{pp['test_accuracy']:.2f}",
-                     "—" if disc is None else f"{disc['test_accuracy']:.2f}",
-                     "—" if cont is None else f"{cont['test_accuracy']:.2f}",
-                     paper["nfe"].split(" ±")[0], nfe_both(pp), nfe_both(disc), nfe_both(cont),
-                     _ratio(_mean(vanilla["train"]), _mean(paper["train"])),
-                     speedup(theirs, name, "continuous", jac, training_time),
-                     speedup(ours, name, "discrete", jac, training_time), speedup(ours, name, "discrete", jac, wall),
-                     speedup(ours, name, "continuous", jac, training_time)))
+        paper = PAPER[(name, jac)]
+        pp, disc, cont = (theirs.get((name, "continuous", jac)), ours.get((name, "discrete", jac)),
+                          ours.get((name, "continuous", jac)))
+        if disc is None and cont is None:
+            continue
+        acc = ["—" if r is None else _cell(r, "test_accuracy", ".2f") for r in (pp, disc, cont)]
+        rows.append((MODEL_NAMES[name], _yes_no(jac), paper["accuracy"], *acc,
+                     paper["nfe"], _nfe_both(pp), _nfe_both(disc), _nfe_both(cont)))
     return markdown_table(
-        ("Model", "Jac.", "Acc. (%): paper", "preset paper", "authors disc.", "authors cont.",
-         "NFE: paper", "preset paper (ours / theirs)", "authors disc. (ours / theirs)", "authors cont. (ours / theirs)",
-         "Train speed-up: paper", "preset paper", "authors disc.", "authors disc. (wall)", "authors cont."),
-        rows, align="ll" + "r" * 13)
+        ("Model", "Jac.", "Accuracy (%): paper", "preset paper", "preset authors, discrete", "continuous",
+         "Test NFE: paper", "preset paper (ours / theirs)", "preset authors, discrete (ours / theirs)",
+         "continuous (ours / theirs)"), rows, align="ll" + "r" * 8)
 
 
-# One change at a time from --preset authors (discrete, no Jacobian regularization, one seed): the
-# sub-directory of the attribution run under the results directory, what it changes, and its flags.
+def authors_speedups(authors: dict, paper_run: Optional[dict]) -> str:
+    """Skip and Skip Reg.'s training speed-ups over Vanilla (same form and Jacobian setting): the
+    paper's, the committed ``--preset paper`` run's (the wall time of its fit, all it recorded), and
+    ``--preset authors``' by each timing in `TIMINGS`."""
+    ours, theirs = _ours(authors), _ours(paper_run) if paper_run else {}
+    rows = []
+    for name, jac, *_ in PAPER_TABLE1:
+        if name == "vanilla":
+            continue
+        for form in ("discrete", "continuous"):
+            if (name, form, jac) not in ours:
+                continue
+            paper = _mean(PAPER[("vanilla", jac)]["train"]) / _mean(PAPER[(name, jac)]["train"])
+            rows.append((MODEL_NAMES[name], _yes_no(jac), form, f"{paper:.2f}x",
+                         _x(_speedup(theirs, name, "continuous", jac, "train_time_s")),
+                         *(_x(_speedup(ours, name, form, jac, key)) for key, _ in TIMINGS)))
+    return markdown_table(("Model", "Jac.", "preset authors form", "Training speed-up: paper",
+                           "preset paper (wall, whole fit)", *(f"preset authors ({label})" for _, label in TIMINGS)),
+                          rows, align="lll" + "r" * (2 + len(TIMINGS)))
+
+
+# One change at a time from --preset authors (discrete, no Jacobian regularization, one seed, fewer
+# epochs: benchmarks/results/mnist_table1_authors/run_attribution.sh): the sub-directory of the
+# attribution run under the results directory, what it changes, and the flags that change it.
 ATTRIBUTION = (
     ("authors", "`--preset authors` (fixed-point iteration, batch-relative rule, the authors' loss, AdamW + cosine, "
                 "their model)", ""),
@@ -730,8 +757,6 @@ ATTRIBUTION = (
     ("arch_paper", "model: ours (tanh layer with biases, linear encoder) instead of theirs", "--arch paper"),
     ("preset_paper", "`--preset paper` itself, continuous (every change at once)", "--preset paper --forms continuous"),
 )
-ATTRIBUTION_FLAGS = ("--variants vanilla,skip,skip_reg --jacobian no --forms discrete --seeds 6171 --no-baseline "
-                     "--threads 1 --no-progress")
 
 
 def attribution_results(directory: Path) -> Dict[str, dict]:
@@ -752,60 +777,55 @@ def attribution_results(directory: Path) -> Dict[str, dict]:
     return found
 
 
-def _speedups(results: dict) -> Dict[str, Tuple[Optional[float], Optional[float]]]:
-    """Skip and Skip Reg.'s training speed-ups over Vanilla (no Jacobian regularization, the run's
-    one form), by forward + backward + update and by wall time."""
+def _speedups(results: dict, key: str) -> Dict[str, Optional[float]]:
+    """Skip and Skip Reg.'s training speed-ups over Vanilla by ``key`` (no Jacobian
+    regularization, the run's one form)."""
     rows = {r["variant"]: r for r in results["summary"] if not r["jacobian"] and r["variant"] != "neural_ode"}
-    out = {}
-    for name in ("skip", "skip_reg"):
-        if "vanilla" in rows and name in rows:
-            out[name] = (training_time(rows["vanilla"]) / training_time(rows[name]),
-                         rows["vanilla"]["train_time_s"] / rows[name]["train_time_s"])
-    return out
+    return {name: (rows["vanilla"][key] / rows[name][key]
+                   if "vanilla" in rows and name in rows and rows[name].get(key) else None)
+            for name in ("skip", "skip_reg")}
 
 
 def attribution_table(found: Dict[str, dict]) -> str:
-    """One row per attribution run: what changed, the epochs, each variant's NFE (ours), and Skip /
-    Skip Reg.'s training speed-ups over Vanilla (forward + backward + update, and wall time)."""
+    """One row per attribution run: what changed, its flags, the epochs, each variant's NFE (ours),
+    and Skip / Skip Reg.'s training speed-ups over Vanilla in CPU time of forward + backward +
+    update (the wall-clock ones in brackets)."""
     rows = []
     for name, what, flags in ATTRIBUTION:
         if name not in found:
             continue
         results = found[name]
         by = {r["variant"]: r for r in results["summary"] if not r["jacobian"] and r["variant"] != "neural_ode"}
-        speed = _speedups(results)
+        cpu, wall = _speedups(results, "step_cpu_s"), _speedups(results, "step_time_s")
         nfe = " / ".join(f"{by[v]['test_nfe']:.1f}" if v in by else "—" for v in DEQ_VARIANTS)
-        cells = [f"{speed[v][i]:.2f}x" if v in speed else "—" for v in ("skip", "skip_reg") for i in (0, 1)]
-        rows.append((what, f"`{flags}`" if flags else "", str(results["config"]["epochs"]), nfe, *cells))
-    paper = [_ratio(_mean(PAPER[("vanilla", False)]["train"]), _mean(PAPER[(v, False)]["train"]))
-             for v in ("skip", "skip_reg")]
-    rows.append(("the paper's Table 1", "", "25", " / ".join(PAPER[(v, False)]["nfe"].split(" ±")[0] for v in DEQ_VARIANTS),
-                 paper[0], "—", paper[1], "—"))
-    return markdown_table(("Run (one change from `--preset authors`)", "Flags", "Epochs", "Test NFE (ours): V / S / SR",
-                           "Skip speed-up", "(wall)", "Skip Reg. speed-up", "(wall)"), rows, align="llrrrrrr")
+        accuracy = " / ".join(f"{by[v]['test_accuracy']:.1f}" if v in by else "—" for v in DEQ_VARIANTS)
+        rows.append((what, f"`{flags}`" if flags else "", str(results["config"]["epochs"]), accuracy, nfe,
+                     *(f"{_x(cpu[v])} ({_x(wall[v])})" for v in ("skip", "skip_reg"))))
+    paper = [_x(_mean(PAPER[("vanilla", False)]["train"]) / _mean(PAPER[(v, False)]["train"])) for v in ("skip", "skip_reg")]
+    rows.append(("the paper's Table 1", "", "25", " / ".join(PAPER[(v, False)]["accuracy"].split(" ±")[0] for v in DEQ_VARIANTS),
+                 " / ".join(PAPER[(v, False)]["nfe"].split(" ±")[0] for v in DEQ_VARIANTS) + " (theirs)", *paper))
+    return markdown_table(("Run (one change from `--preset authors`)", "Flags", "Epochs", "Accuracy (%): V / S / SR",
+                           "Test NFE (ours): V / S / SR", "Skip speed-up: CPU (wall)", "Skip Reg. speed-up: CPU (wall)"),
+                          rows, align="llrrrrr")
 
 
 def attribution_text(found: Dict[str, dict]) -> str:
-    """The attribution paragraph: each change's effect on the speed-ups, computed from the runs."""
+    """The attribution sentence: each change's effect on the CPU-time speed-ups, computed from the runs."""
     if "authors" not in found:
         return "No attribution runs found."
-    base = _speedups(found["authors"])
+    base = _speedups(found["authors"], "step_cpu_s")
     epochs = found["authors"]["config"]["epochs"]
     parts = []
     for name, what, _ in ATTRIBUTION[1:]:
-        if name not in found:
-            continue
-        speed = _speedups(found[name])
-        if not all(v in speed and v in base for v in ("skip", "skip_reg")):
-            continue
-        parts.append(f"{what.split(':')[0] if ':' in what else what}: Skip {base['skip'][0]:.2f}x → "
-                     f"{speed['skip'][0]:.2f}x, Skip Reg. {base['skip_reg'][0]:.2f}x → {speed['skip_reg'][0]:.2f}x")
-    timed = (f"what is timed (forward + backward + update against the wall time of the whole fit, same run): Skip "
-             f"{base['skip'][0]:.2f}x against {base['skip'][1]:.2f}x, Skip Reg. {base['skip_reg'][0]:.2f}x against "
-             f"{base['skip_reg'][1]:.2f}x")
-    return (f"One change at a time from `--preset authors` (discrete rows without Jacobian regularization, one seed, "
-            f"{epochs} epochs: labelled shorter runs, not the 3-seed table), the training speed-ups over Vanilla "
-            f"by forward + backward + update: " + "; ".join(parts + [timed]) + ".")
+        speed = _speedups(found[name], "step_cpu_s") if name in found else {}
+        if all(speed.get(v) and base.get(v) for v in ("skip", "skip_reg")):
+            label = what.split(" instead")[0].split(" (")[0]
+            parts.append(f"{label}: Skip {base['skip']:.2f}x → {speed['skip']:.2f}x, "
+                         f"Skip Reg. {base['skip_reg']:.2f}x → {speed['skip_reg']:.2f}x")
+    return (f"One change at a time from `--preset authors` (discrete rows without Jacobian regularization, seed "
+            f"{found['authors']['config']['seeds'][0]}, {epochs} epochs: shorter runs than the table above), Skip "
+            "and Skip Reg.'s training speed-ups over Vanilla in CPU time of forward + backward + update: "
+            + "; ".join(parts) + ".")
 
 
 def authors_comparison(results: dict, paper_run: Optional[dict], directory: Path) -> str:
@@ -820,13 +840,14 @@ def authors_comparison(results: dict, paper_run: Optional[dict], directory: Path
         + (f" and of `{paper_run['command']}`" if paper_run else "") + ".", "",
         setup_text(results), "",
         CAVEAT, "",
-        "## Side by side", "",
-        "Speed-up over Vanilla = the Vanilla DEQ's training time (same form and Jacobian setting) / the row's. "
-        "`preset paper` is the committed `--preset paper` run (continuous, tsit5; its training time is the wall "
-        "time of the fit, the only one it recorded); `authors disc.` are the rows the paper's numbers came from (its "
-        "script's discrete solve), `authors cont.` the same recipe solved with tsit5. NFE as `ours / theirs` "
-        "(the authors' count).", "",
+        "## Accuracy and NFE", "",
+        "`preset paper` is the committed `--preset paper` run (continuous, tsit5); `preset authors, discrete` are "
+        "the rows the paper's numbers came from (its script's discrete solve), `continuous` the same recipe solved "
+        "with tsit5. NFE as ours / theirs (the authors' count).", "",
         authors_side_by_side(results, paper_run), "",
+        "## Training speed-ups over Vanilla", "",
+        "The Vanilla DEQ's training time (same form and Jacobian setting) / the row's. " + TIMING_NOTE, "",
+        authors_speedups(results, paper_run), "",
         "## Where the speed-up gap comes from", "",
         attribution_table(found), "",
         attribution_text(found), "",
