@@ -480,3 +480,30 @@ def test_authors_preset_runs_end_to_end_and_writes_the_authors_comparison(tmp_pa
     paper_run = json.loads((REPO / "benchmarks" / "results" / "mnist_table1_paper" / "results.json").read_text())
     vanilla = next(r for r in paper_run["summary"] if (r["variant"], r["form"], r["jacobian"]) == ("vanilla", "continuous", False))
     assert f"| {vanilla['test_nfe']:.2f} / {vanilla['test_nfe'] + 2:.2f} |" in comparison
+
+
+def _fake_run(cpu, epochs=3, forms=("discrete",)):
+    rows = [_fake_row(v, form=form, seed=6171, step_cpu_s=t, step_time_s=2 * t, train_time_s=3 * t,
+                      test_nfe_paper=12.0) for form in forms for v, t in zip(mnist.DEQ_VARIANTS, cpu)]
+    return {"command": "python -m torchdyn_deq.experiments.mnist --preset authors", "rows": rows,
+            "summary": mnist.aggregate(rows), "config": {"epochs": epochs, "seeds": [6171]}}
+
+
+def test_attribution_reads_one_change_per_run_in_cpu_time(tmp_path):
+    for name, run in (("authors", _fake_run((12.0, 6.0, 3.0), forms=("discrete", "continuous"))),
+                      ("stop_per_sample", _fake_run((12.0, 8.0, 6.0)))):
+        (tmp_path / "attribution" / name).mkdir(parents=True)
+        (tmp_path / "attribution" / name / "results.json").write_text(json.dumps(run))
+    found = mnist.attribution_results(tmp_path)
+    # the unchanged run's discrete rows are the base, its continuous rows the tsit5 change
+    assert set(found) == {"authors", "stop_per_sample", "solver_tsit5"}
+    assert {r["form"] for r in found["authors"]["summary"]} == {"discrete"}
+    assert {r["form"] for r in found["solver_tsit5"]["summary"]} == {"continuous"}
+    lines = mnist.attribution_table(found).splitlines()
+    # CPU: 12 / 6 = 2.00x and 12 / 3 = 4.00x; the wall-clock ones (2x the CPU time in this fake) alike
+    assert any(line.startswith("| `--preset authors`") and "| 2.00x (2.00x) | 4.00x (4.00x) |" in line for line in lines)
+    assert any("`--termination per_sample`" in line and "| 1.50x (1.50x) | 2.00x (2.00x) |" in line for line in lines)
+    assert lines[-1].startswith("| the paper's Table 1 |") and "| 3.04x | 4.01x |" in lines[-1]
+    text = mnist.attribution_text(found)
+    assert "stop rule: our per-sample test: Skip 2.00x → 1.50x, Skip Reg. 4.00x → 2.00x" in text
+    assert "seed 6171, 3 epochs" in text

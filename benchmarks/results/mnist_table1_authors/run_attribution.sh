@@ -11,13 +11,14 @@ declare -A CHANGE=(
   [authors]="--forms discrete,continuous"
   [stop_per_sample]="--termination per_sample"
   [skip_loss_paper]="--aux-loss paper"
+  [skip_weight_paper]="--skip-weight 1.28"
   [solver_anderson]="--discrete-solver anderson"
   [solver_tsit5]="--forms continuous"  # also the continuous rows of the authors run
   [optimizer_adam]="--optimizer adam"
   [arch_paper]="--arch paper"
   [preset_paper]="--preset paper --forms continuous"
 )
-NAMES=${@:-authors stop_per_sample skip_loss_paper solver_anderson optimizer_adam arch_paper preset_paper}
+NAMES=${@:-authors stop_per_sample skip_loss_paper skip_weight_paper solver_anderson optimizer_adam arch_paper preset_paper}
 for name in $NAMES; do
   echo "$(date -u +%H:%M:%S) start $name load $(cut -d' ' -f1-3 /proc/loadavg)" >> $OUT.log
   python -m torchdyn_deq.experiments.mnist --preset authors $BASE --epochs $EPOCHS ${CHANGE[$name]} \
