@@ -861,6 +861,17 @@ def authors_comparison(results: dict, paper_run: Optional[dict], directory: Path
     ])
 
 
+def rewrite_comparison(directory: Path, paper_results: Path) -> None:
+    """(Re)write ``directory / 'comparison.md'`` from its ``results.json`` with the writer its
+    run used (the authors' for their model and loss, the paper's otherwise)."""
+    results = json.loads((directory / "results.json").read_text())
+    config = results["config"]
+    if config.get("arch") == "authors" and config.get("aux_loss") == "authors":
+        write_authors_comparison(directory, paper_results)
+    else:
+        (directory / "comparison.md").write_text(paper_comparison(results))
+
+
 def write_authors_comparison(directory: Path, paper_results: Path) -> None:
     """(Re)write ``directory / 'comparison.md'`` of an authors' run from its ``results.json``,
     the ``--preset paper`` run in ``paper_results`` and the attribution runs found (the attribution
