@@ -406,7 +406,7 @@ def test_authors_loss_terms():
         assert torch.allclose(logits, net.classifier(out), atol=1e-6)
         z0 = torch.zeros_like(out) if variant == "vanilla" else net.layer.initializer(x, net.layer._vector_field({}), (128,))
         # 5.0 * mean|z0 - z*| on every variant (Vanilla too: z0 = 0), nothing else without Jacobian reg.
-        assert float(net.aux_loss().detach()) == pytest.approx(5.0 * float((z0 - out).abs().mean()), rel=1e-5)
+        assert float(net.aux_loss().detach()) == pytest.approx(5.0 * float((z0 - out).abs().mean().detach()), rel=1e-5)
         assert float(net.layer.solution.aux_loss) == 0.0  # the library's own terms are off
         # nothing detached: the skip loss's gradient through the implicit z* equals backpropagation through a
         # long unrolled fixed-point iteration (the relu layer contracts at initialisation)
@@ -428,7 +428,7 @@ def test_authors_loss_terms():
         x = net.encoder(pixels)
         out = net.layer.f(net.layer.solution.z_star, x)
         z0 = torch.zeros_like(out) if variant == "vanilla" else net.layer.initializer(x, net.layer._vector_field({}), (128,))
-        assert float(aux_jac) > 5.0 * float((z0 - out).abs().mean())
+        assert float(aux_jac.detach()) > 5.0 * float((z0 - out).abs().mean().detach())
     net.eval()
     with torch.no_grad():
         net(pixels)
