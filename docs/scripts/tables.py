@@ -268,7 +268,7 @@ def mnist_table1_authors() -> str:
             f"{mnist.authors_side_by_side(data, paper_run)}\n\n{mnist.NFE_UNITS}\n\n"
             f"Training speed-ups over Vanilla (the Vanilla DEQ's training time, same form and Jacobian setting, / the "
             f"row's), by what is timed, and the same ratio of test NFE. {mnist.TIMING_NOTE}\n\n"
-            f"{mnist.authors_speedups(data, paper_run)}\n\n"
+            f"{mnist.authors_speedups(data, paper_run)}\n\n{mnist.fixed_cost_text(data)}\n\n"
             f"One change at a time:\n\n{mnist.attribution_table(found)}\n\n{mnist.attribution_text(found)}\n\n"
             f"The full comparison: [`comparison.md`]({link}/comparison.md); every row: "
             f"[`results.json`]({link}/results.json); the attribution runs: [`attribution/`]({link}/attribution).\n")
