@@ -405,7 +405,7 @@ def test_authors_loss_terms():
         z_star = net.layer.solution.z_star
         out = net.layer.f(z_star, x)  # the authors' DEQ layer output
         assert torch.allclose(logits, net.classifier(out), atol=1e-6)
-        z0 = torch.zeros_like(out) if variant == "vanilla" else net.layer.initializer(x, net.layer._vector_field({}), (128,))
+        z0 = torch.zeros_like(out) if variant == "vanilla" else net.layer.initializer(x, net.layer._field(x, {}), (128,))
         # 5.0 * mean|z0 - z*| on every variant (Vanilla too: z0 = 0), nothing else without Jacobian reg.
         assert float(net.aux_loss().detach()) == pytest.approx(5.0 * float((z0 - out).abs().mean().detach()), rel=1e-5)
         assert float(net.layer.solution.aux_loss) == 0.0  # the library's own terms are off
@@ -428,7 +428,7 @@ def test_authors_loss_terms():
         assert aux_jac.requires_grad
         x = net.encoder(pixels)
         out = net.layer.f(net.layer.solution.z_star, x)
-        z0 = torch.zeros_like(out) if variant == "vanilla" else net.layer.initializer(x, net.layer._vector_field({}), (128,))
+        z0 = torch.zeros_like(out) if variant == "vanilla" else net.layer.initializer(x, net.layer._field(x, {}), (128,))
         assert float(aux_jac.detach()) > 5.0 * float((z0 - out).abs().mean().detach())
     net.eval()
     with torch.no_grad():
