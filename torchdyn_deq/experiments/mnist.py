@@ -673,7 +673,8 @@ def paper_comparison(results: dict) -> str:
 # Training timings of a row, by what they time: (key, label). The first is the attribution's measure.
 TIMINGS = (("step_cpu_s", "CPU, fwd + bwd + update"), ("train_cpu_s", "CPU, whole fit"),
            ("step_time_s", "wall, fwd + bwd + update"), ("train_time_s", "wall, whole fit"))
-TIMING_NOTE = ("On the shared 2-core machine (a load average of 8-12 from other work while these ran) wall times "
+TIMING_NOTE = ("On a shared 2-core machine (other work running beside these runs: rows of one seed trained at once, "
+               "the attribution runs at a load average of 8-12) wall times "
                "depend on what else ran at the moment; CPU time (one intra-op thread: the step's work runs in the "
                "calling thread) measures the work itself, so the speed-ups are read in CPU time, the paper's "
                "forward + backward + update; the wall-clock ones are beside them.")
