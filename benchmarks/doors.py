@@ -19,8 +19,6 @@ Results: ``benchmarks/results/doors.{md,json}`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +29,7 @@ import torch.nn as nn
 from torchdyn.core import NeuralODE
 
 import torchdyn_deq as td
-from benchmarks.harness import RESULTS, machine, markdown_table, median, write_results
+from benchmarks.harness import RESULTS, command_line, header, machine, markdown_table, median, size, write_results
 from torchdyn_deq.experiments.mnist import InjectedLayer
 
 TOL = 5e-3  # the MNIST experiment's forward tolerance
@@ -99,22 +97,21 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS / "doors", help="results stem (.md and .json)")
     args = parser.parse_args(argv)
     try:
-        args.sizes = [tuple(int(p) for p in s.lower().split("x")) for s in args.sizes.split(",")]
-    except ValueError:
-        parser.error(f"--sizes: expected BATCHxWIDTH such as 32x128, got {args.sizes!r}")
+        args.sizes = [size(s) for s in args.sizes.split(",")]
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--sizes: {error}")
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python -m benchmarks.doors " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("benchmarks.doors", argv)
     start = time.perf_counter()
     rows = [row for batch, width in args.sizes for row in measure(batch, width, args.repeats)]
     info = machine(args.threads)
-    text = (f"# The doors into the one core: cost per call\n\n`{command.strip()}`\n\n"
-            f"{info['platform']}, torch threads {args.threads}, torch {info['torch']}, torchdyn_deq "
-            f"{info.get('torchdyn_deq', '?')}; {time.perf_counter() - start:.0f} s in all.\n\n{table(rows)}\n\n"
+    text = (header("The doors into the one core: cost per call", command, info, args.threads,
+                   time.perf_counter() - start) + f"{table(rows)}\n\n"
             "- The paper's MNIST layer at random init, tsit5 at tolerance 5e-3, from z0 = 0; medians of\n"
             "  interleaved repeats of one forward solve + `backward()`. The same problem through each door.\n")
     print(text)

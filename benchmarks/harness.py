@@ -2,13 +2,16 @@
 the results writer, so that every results file states how it was measured in the same words."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shlex
+import sys
 import statistics
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -16,7 +19,7 @@ from torchdyn_deq.experiments.mnist import InjectedLayer
 from torchdyn_deq.experiments.reporting import machine_info, markdown_table
 
 __all__ = ["CPU", "RESULTS", "clock", "sync", "median", "device_name", "machine", "machine_info", "write_results",
-           "markdown_table", "uncounted"]
+           "markdown_table", "uncounted", "size", "command_line", "header"]
 
 CPU = torch.device("cpu")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,3 +87,24 @@ def write_results(stem: Path, markdown: str, data: dict) -> Sequence[Path]:
     md.write_text(markdown)
     js.write_text(json.dumps(data, indent=2, default=str))
     return md, js
+
+
+def size(text: str) -> Tuple[int, int]:
+    """``'32x128'`` -> ``(32, 128)``: a ``--sizes`` entry (an argparse type)."""
+    try:
+        batch, width = (int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BATCHxWIDTH such as 32x128, got {text!r}") from None
+    return batch, width
+
+
+def command_line(module: str, argv: Optional[Sequence[str]]) -> str:
+    """How the script was called, for its results file."""
+    args = sys.argv[1:] if argv is None else argv
+    return f"python -m {module} " + " ".join(shlex.quote(a) for a in args)
+
+
+def header(title: str, command: str, info: dict, threads: int, seconds: float) -> str:
+    """The first lines of a results file: the title, the command, the machine and the time taken."""
+    return (f"# {title}\n\n`{command.strip()}`\n\n{info['platform']}, torch threads {threads}, torch {info['torch']}, "
+            f"torchdyn_deq {info.get('torchdyn_deq', '?')}; {seconds:.0f} s in all.\n\n")

@@ -20,8 +20,6 @@ Results: ``benchmarks/results/overhead.{md,json}`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 import torchdyn_deq as td
-from benchmarks.harness import RESULTS, machine, markdown_table, median, uncounted, write_results
+from benchmarks.harness import RESULTS, command_line, header, machine, markdown_table, median, size, uncounted, write_results
 from torchdyn_deq.experiments.mnist import InjectedLayer
 
 SOLVERS = ("tsit5", "dopri5", "vcab3", "anderson", "broyden")
@@ -133,14 +131,6 @@ def table(rows: Sequence[dict]) -> str:
     return markdown_table(header, body, align="lllrrrrrrrrrr")
 
 
-def _size(text: str) -> Tuple[int, int]:
-    try:
-        batch, width = (int(p) for p in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected BATCHxWIDTH such as 32x128, got {text!r}") from None
-    return batch, width
-
-
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="32x128,256x512", help="comma-separated BATCHxWIDTH")
@@ -149,20 +139,19 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--no-compile", action="store_true", help="eager rows only (no compile time)")
     parser.add_argument("--out", type=Path, default=RESULTS / "overhead", help="results stem (.md and .json)")
     args = parser.parse_args(argv)
-    args.sizes = [_size(s) for s in args.sizes.split(",")]
+    args.sizes = [size(s) for s in args.sizes.split(",")]
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python -m benchmarks.overhead " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("benchmarks.overhead", argv)
     start = time.perf_counter()
-    rows = [row for size in args.sizes for row in measure(size, args.repeats, compiled=not args.no_compile)]
+    rows = [row for shape in args.sizes for row in measure(shape, args.repeats, compiled=not args.no_compile)]
     info = machine(args.threads)
-    text = (f"# Solver overhead over the network's cost\n\n`{command.strip()}`\n\n"
-            f"{info['platform']}, torch threads {args.threads}, torch {info['torch']}, torchdyn_deq "
-            f"{info.get('torchdyn_deq', '?')}; {time.perf_counter() - start:.0f} s in all.\n\n{table(rows)}\n\n"
+    text = (header("Solver overhead over the network's cost", command, info, args.threads,
+                   time.perf_counter() - start) + f"{table(rows)}\n\n"
             "- The paper's MNIST layer at random init, tolerance 5e-3, medians over the repeats.\n"
             "- fwd: a no-grad solve; bwd: `backward()` of the steady state (the implicit GMRES solve and the\n"
             "  parameter / input VJP). 1.0 in the overhead columns is the network alone (eager: g, VJP_z and\n"
