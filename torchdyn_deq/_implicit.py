@@ -53,9 +53,8 @@ def field_cause(field: Field) -> str:
     return ""
 
 
-def diagnosis(field: Field, sol: SteadyStateSolution) -> str:
-    """The forward's message, led by the cause where it can be read off the field."""
-    cause = field_cause(field)
+def diagnosis(cause: str, sol: SteadyStateSolution) -> str:
+    """The forward's message, led by ``cause`` (`field_cause`) where there is one."""
     return f"{cause}. The solve: {sol.message}" if cause and not sol.result.successful else sol.message
 
 
@@ -93,8 +92,9 @@ def implicit_solve(field: Field, z0: Tensor, solver: SteadyStateSolver, options:
             sol = steady_state_solve(field, z0.detach() if implicit else z0, solver, options, nfe_start=field.nfe)
     finally:
         field.restrict(None)  # per-sample termination restricted the injected input
-    message = diagnosis(field, sol)
-    sol.backward.cause = field_cause(field)  # the backward's failure messages lead with it
+    cause = field_cause(field)
+    message = diagnosis(cause, sol)
+    sol.backward.cause = cause  # the backward's failure messages lead with it
     z_star, extra = sol.z_star, {}
     if differentiate and (implicit or losses is not None or params is not None):
         out, cotangent = z_star, None

@@ -39,11 +39,18 @@ def _wide(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _per_sample(dz: Tensor, z: Tensor, atol: float, rtol: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per sample: ``rms(dz / (atol + rtol |z|))``, ``||dz||`` and ``||atol + rtol |z| ||``."""
+    scale = _wide(z).abs().mul_(rtol).add_(atol).reshape(z.shape[0], -1)  # in place: one allocation, not three
+    g = _wide(dz).reshape(z.shape[0], -1)
+    sigma = torch.linalg.vector_norm(scale, dim=1)
+    residual = torch.linalg.vector_norm(torch.div(g, scale, out=scale), dim=1).mul_(1 / max(g.shape[1], 1) ** 0.5)
+    return residual, torch.linalg.vector_norm(g, dim=1), sigma
+
+
 def scaled_residual(dz: Tensor, z: Tensor, atol: float, rtol: float) -> Tensor:
     """Per-sample ``rms(dz / (atol + rtol |z|))``; shape ``(batch,)``, at least float32."""
-    scale = _wide(z).abs().mul_(rtol).add_(atol)  # in place: one allocation, not three
-    scaled = torch.div(_wide(dz), scale, out=scale).reshape(dz.shape[0], -1)
-    return torch.linalg.vector_norm(scaled, dim=1).mul_(1 / max(scaled.shape[1], 1) ** 0.5)
+    return _per_sample(dz, z, atol, rtol)[0]
 
 
 class _Rule:
@@ -68,11 +75,7 @@ class _PerSample(_Rule):
     """``rms(g(z_i) / (atol + rtol |z_i|))`` per sample; ``nu = ||g_i||``, ``sigma = ||atol + rtol |z_i| ||``."""
 
     def measure(self, gz, z, options):
-        scale = _wide(z).abs().mul_(options.rtol).add_(options.atol).reshape(z.shape[0], -1)
-        g = _wide(gz).reshape(z.shape[0], -1)
-        sigma = torch.linalg.vector_norm(scale, dim=1)
-        residual = torch.linalg.vector_norm(torch.div(g, scale, out=scale), dim=1).mul_(1 / max(g.shape[1], 1) ** 0.5)
-        return residual, torch.linalg.vector_norm(g, dim=1), sigma
+        return _per_sample(gz, z, options.atol, options.rtol)
 
     def tolerance(self, size, options):
         return torch.linalg.vector_norm((size * options.rtol + options.atol).reshape(size.shape[0], -1), dim=1)
