@@ -68,16 +68,7 @@ class Field:
         self.nfe += n
 
     def _check(self, out, z: Tensor) -> None:
-        form = "f(z, x)" if self.residual else "dz/dt"
-        if not isinstance(out, Tensor):
-            raise TypeError(f"{self.label} returned {type(out).__name__}: {form} must return a tensor shaped like z")
-        if out.shape != z.shape:  # for the DEQ form, f - z would broadcast to a wrong steady state
-            hint = " (set state_shape= if the state differs from x)" if self.residual else ""
-            raise ValueError(f"{self.label} returned {tuple(out.shape)} for a state of shape {tuple(z.shape)}; "
-                             f"{form} must have the state's shape{hint}")
-        # under autocast f's dtype changes on purpose, and f - z promotes it back; dz/dt itself must not
-        if out.dtype != z.dtype and not (self.residual and torch.is_autocast_enabled(z.device.type)):
-            raise TypeError(f"{self.label} returned dtype {out.dtype} for a state of dtype {z.dtype}")
+        check_output(out, z, residual=self.residual, label=self.label)
 
     def restrict(self, rows: Optional[Tensor]) -> None:
         """Evaluate on the samples ``rows`` of the full batch from now on (``None``: all of them
@@ -96,6 +87,21 @@ class Field:
                 if full is not None:
                     setattr(owner, name, full.index_select(0, rows))
         self.checked = False
+
+
+def check_output(out, z: Tensor, *, residual: bool, label: str) -> None:
+    """What a user's function must return for a state ``z``: a tensor of its shape and dtype
+    (``residual``: the layer ``f(z, x)`` of the DEQ form, whose dtype autocast may change)."""
+    form = "f(z, x)" if residual else "dz/dt"
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{label} returned {type(out).__name__}: {form} must return a tensor shaped like z")
+    if out.shape != z.shape:  # for the DEQ form, f - z would broadcast to a wrong steady state
+        hint = " (set state_shape= if the state differs from x)" if residual else ""
+        raise ValueError(f"{label} returned {tuple(out.shape)} for a state of shape {tuple(z.shape)}; "
+                         f"{form} must have the state's shape{hint}")
+    # under autocast f's dtype changes on purpose, and f - z promotes it back; dz/dt itself must not
+    if out.dtype != z.dtype and not (residual and torch.is_autocast_enabled(z.device.type)):
+        raise TypeError(f"{label} returned dtype {out.dtype} for a state of dtype {z.dtype}")
 
 
 def _mask_slots(module: Optional[nn.Module]) -> List[Slot]:

@@ -14,7 +14,7 @@ from torchdyn.core.defunc import DEFuncBase
 
 from ._checks import non_negative_float, optional, positive_float, positive_int
 from ._compile import with_compile
-from ._field import Field, layer_field, module_field
+from ._field import Field, check_output, layer_field, module_field
 from ._implicit import implicit_solve, per_solve
 from ._initializers import Initializer
 from ._loop import SteadyStateSolver
@@ -328,13 +328,7 @@ class DEQVectorField(nn.Module):
 
     def forward(self, t: Tensor, z: Tensor, args=None) -> Tensor:
         fz = self.f(z, self._control)
-        if not isinstance(fz, Tensor):
-            raise TypeError(f"the DEQ layer f returned {type(fz).__name__}: f(z, x) must return a tensor shaped like z")
-        if fz.shape != z.shape:  # fz - z would broadcast to a wrong steady state
-            raise ValueError(f"the DEQ layer f returned shape {tuple(fz.shape)} for a state of shape {tuple(z.shape)}; "
-                             "f(z, x) must return a tensor shaped like z (set state_shape= if the state differs from x)")
-        if fz.dtype != z.dtype and not torch.is_autocast_enabled(z.device.type):  # autocast changes dtypes on purpose
-            raise TypeError(f"the DEQ layer f returned dtype {fz.dtype} for a state of dtype {z.dtype}")
+        check_output(fz, z, residual=True, label="the DEQ layer f")
         return fz - z
 
 
