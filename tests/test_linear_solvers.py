@@ -179,3 +179,28 @@ def test_gmres_singular_pivot_adds_no_null_space_component():
     A = torch.diag(torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64))
     x, info = td.GMRES(rtol=1e-12, max_iters=6).solve(lambda u: u @ A.T, torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64))
     assert (x == 0).all() and not info.converged and info.result is td.Result.breakdown
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("restart", [3, 20])
+@pytest.mark.parametrize("spread", [0.5, 0.9, 0.99, 1.2])
+def test_gmres_claims_convergence_only_at_the_true_residual(dtype, restart, spread):
+    """The stop is decided by the null-vector estimate and the small least-squares residual, never by a
+    matvec: on systems from well to badly conditioned (I - W with ||W|| near or above 1), and the same
+    systems perturbed by 1e-6, a converged sample's true residual is within its tolerance (up to
+    rounding), and the outcome does not change under the perturbation."""
+    torch.manual_seed(3)
+    n, rtol = 30, 1e-4 if dtype == torch.float32 else 1e-9
+    W = torch.randn(6, n, n, dtype=torch.float64)
+    W = spread * W / torch.linalg.matrix_norm(W, ord=2)[:, None, None]
+    outcomes = []
+    for shift in (0.0, 1e-6):
+        A = (torch.eye(n, dtype=torch.float64) - W + shift).to(dtype)
+        b = torch.randn(6, n, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(dtype)
+        matvec = lambda u: torch.bmm(A, u[:, :, None])[..., 0]  # noqa: E731
+        x, info = td.GMRES(rtol=rtol, restart=restart, max_iters=400).solve(matvec, b)
+        true = ((b - matvec(x)).norm(dim=1) / b.norm(dim=1)).max().item()
+        assert info.converged
+        assert true <= 10 * rtol and info.residual <= rtol
+        outcomes.append(info.converged)
+    assert outcomes[0] == outcomes[1]

@@ -82,11 +82,15 @@ class LinearSolver:
 class GMRES(LinearSolver):
     """Restarted GMRES(m), batched over samples.
 
-    Arnoldi with classical Gram-Schmidt applied twice, and the Givens rotations kept as one
-    accumulated orthogonal matrix, so each iteration is a fixed handful of batched ops
-    (no loop over earlier columns) and the residual norm of every sample is known after
-    each matvec without forming the iterate. Iterates until every sample satisfies
-    ``||b - A w|| <= max(atol, rtol ||b||)`` or ``max_iters`` matvecs were spent.
+    Arnoldi with classical Gram-Schmidt applied twice. The residual norm of every sample after
+    ``j`` matvecs is ``beta / ||u||``, with ``u`` the left null vector of the ``(j + 1) x j``
+    Hessenberg matrix ``H`` (``u^T H = 0``, ``u_0 = 1``), which grows by one entry per matvec:
+    ``u_{j+1} = -(u . h_j) / h_{j+1,j}``. That is a few batched ops per iteration (no rotations,
+    no loop over earlier columns) and the stop needs no iterate. At a stop, or at a restart, the
+    small least-squares problem ``min ||beta e_1 - H y||`` is solved by Householder QR, whose
+    residual is the one reported and judged: the recurrence only says when to look. Iterates
+    until every sample satisfies ``||b - A w|| <= max(atol, rtol ||b||)`` or ``max_iters``
+    matvecs were spent.
 
     Args:
         rtol: relative tolerance. Default ``1e-5``: far below the forward solve's error,
@@ -110,26 +114,27 @@ class GMRES(LinearSolver):
         self.restart, self.reorthogonalize = positive_int("restart", restart), bool(reorthogonalize)
 
     def _solve(self, matvec, b, bnorm, tol):
-        x = torch.zeros_like(b)
-        r = b
-        iters, broke = 0, torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
-        tiny = torch.finfo(b.dtype).tiny
         batch, n = b.shape
+        tiny = torch.finfo(b.dtype).tiny
+        x, r, iters, broke = torch.zeros_like(b), b, 0, False
         while True:
             beta = _norm(r)
             if bool((beta <= tol).all()) or iters >= self.max_iters:
-                return x, self._info(iters, r, bnorm, tol, breakdown=bool(broke.any()))
+                return x, self._info(iters, r, bnorm, tol, breakdown=broke)
             m = min(self.restart, self.max_iters - iters)
             basis = b.new_empty(batch, m + 1, n)
-            R = b.new_zeros(batch, m, m)
-            # product of the Givens rotations so far: Q H = R, residual norm = beta |Q[j+1, 0]|
-            Q = torch.eye(m + 1, dtype=b.dtype, device=b.device).repeat(batch, 1, 1)
-            # row / column views made once per restart: indexing in the loop costs as much as the arithmetic
-            vectors, q_rows, r_cols = basis.unbind(1), Q.unbind(1), R.unbind(2)
-            torch.div(r, beta.clamp_min(tiny)[:, None], out=vectors[0])
-            estimate = beta
+            # row j: column j of the Hessenberg matrix, its subdiagonal entry included
+            hessenberg = b.new_zeros(batch, m, m + 1)
+            null = b.new_empty(batch, m + 1, 1)
+            # views made once per cycle: indexing in the loop costs as much as the arithmetic
+            vectors, rows, entries = basis.split(1, dim=1), hessenberg.split(1, dim=1), null.split(1, dim=1)
+            torch.div(r[:, None], beta.clamp_min(tiny)[:, None, None], out=vectors[0])
+            entries[0].fill_(1.0)
+            norm2 = b.new_ones(batch, 1, 1)
+            # the residual estimate beta / ||u|| <= tol, u the left null vector of the Hessenberg matrix
+            target = (beta / tol).square()[:, None, None]
             for j in range(m):
-                w = matvec(vectors[j])[:, None]
+                w = matvec(vectors[j][:, 0])[:, None]
                 iters += 1
                 # h = V w and w - V^T h as (1 x n)(n x j) and (1 x j)(j x n) batched products: the
                 # fastest forms on CPU (a batched matrix-vector bmm (j x n)(n x 1) is several times slower)
@@ -140,46 +145,42 @@ class GMRES(LinearSolver):
                     h2 = torch.bmm(w, V.mT)
                     w = torch.baddbmm(w, h2, V, alpha=-1)
                     h = h + h2
-                w = w[:, 0]
-                hn = _norm(w)
-                torch.div(w, hn.clamp_min(tiny)[:, None], out=vectors[j + 1])
-                col = torch.bmm(h, Q[:, : j + 1, : j + 1].mT)[:, 0]  # earlier rotations applied to h
-                cj = col[:, j]
-                denom = torch.hypot(cj, hn)
-                # denom = 0: A v_j = 0, the operator is singular on the Krylov space. The rotation is
-                # then the identity and the residual does not fall (a zero rotation claimed convergence)
-                singular = (denom <= tiny) & (estimate > tol)
-                broke = broke | singular
-                inv = denom.clamp_min(tiny).reciprocal()
-                cs, sn = torch.where(singular, 1.0, cj * inv), hn * inv
-                col[:, j] = denom
-                r_cols[j][:, : j + 1] = col
-                # the rotation of rows j, j + 1; row j + 1 of Q is still e_{j+1}
-                row, nxt = q_rows[j], q_rows[j + 1]
-                torch.mul(row[:, : j + 1], -sn[:, None], out=nxt[:, : j + 1])
-                nxt[:, j + 1] = cs
-                row[:, : j + 1] *= cs[:, None]
-                row[:, j + 1] = sn
-                estimate = torch.where(singular, estimate, estimate * sn)  # = beta |Q[j + 1, 0]|: sn >= 0
-                if bool((estimate <= tol).all()):
+                hn = torch.linalg.vector_norm(w, dim=2, keepdim=True)
+                row = rows[j][:, :, : j + 2]
+                torch.cat((h, hn), dim=2, out=row)
+                hn = hn.clamp_min(tiny)
+                torch.div(w, hn, out=vectors[j + 1])
+                # u_{j+1} = -(u . h_j) / h_{j+1,j}, so that u^T H = 0; then ||r_j|| = beta / ||u|| (u_0 = 1)
+                torch.div(torch.bmm(h, null[:, : j + 1]), hn, out=entries[j + 1]).neg_()
+                norm2.addcmul_(entries[j + 1], entries[j + 1])
+                if bool((norm2 >= target).all()):
                     break
-            k = j + 1
-            Rk = R[:, :k, :k]
-            diag = torch.diagonal(Rk, dim1=1, dim2=2)
-            # a zero pivot: the operator is singular on the Krylov space (or an exact breakdown). A unit
-            # pivot with a zero right-hand side there keeps that direction out of the solution instead
-            # of adding an arbitrary null-space component to it
-            zero = diag.abs() <= tiny
-            Rk = Rk + torch.diag_embed(zero.to(b.dtype))
-            rhs = torch.where(zero, 0.0, beta[:, None] * Q[:, :k, 0])
-            y = torch.linalg.solve_triangular(Rk, rhs[..., None], upper=True)[..., 0]
-            x = torch.baddbmm(x[:, None], y[:, None], basis[:, :k])[:, 0]
+            x, estimate, singular = self._update(x, basis, beta, hessenberg[:, : j + 1, : j + 2])
+            broke = broke or bool((singular & (estimate > tol)).any())
             if bool((estimate <= tol).all()):
-                # the Arnoldi residual estimate is exact in exact arithmetic: no extra matvec
+                # the small least-squares residual is the true one in exact arithmetic: no extra matvec
                 rel = torch.where(bnorm > 0, estimate / bnorm.clamp_min(tiny), 0.0).max()
                 return x, LinearSolveInfo(iters, float(rel), True)
             r = b - matvec(x)
             iters += 1
+
+    @staticmethod
+    def _update(x: Tensor, basis: Tensor, beta: Tensor, rows: Tensor):
+        """``x + V_k y`` with ``y`` the least-squares solution of ``H y = beta e_1`` (``rows = H^T``, the
+        ``(k + 1) x k`` Hessenberg matrix, by Householder QR), the residual ``|beta e_1 - H y|`` of every
+        sample, and whether ``H`` has a zero pivot (the operator is singular on the Krylov space)."""
+        k = rows.shape[1]
+        Q, R = torch.linalg.qr(rows.mT, mode="complete")
+        g = beta[:, None, None] * Q[:, :1].mT  # Q^T (beta e_1), a column
+        R = R[:, :k]
+        # a zero pivot: a unit pivot with a zero right-hand side keeps that direction out of the solution
+        # instead of adding an arbitrary null-space component to it; the residual is then not |g_k| alone
+        zero = torch.diagonal(R, dim1=1, dim2=2).abs() <= torch.finfo(x.dtype).tiny
+        rhs = torch.where(zero[..., None], 0.0, g[:, :k])
+        y = torch.linalg.solve_triangular(R + torch.diag_embed(zero.to(x.dtype)), rhs, upper=True)
+        residual = torch.cat((torch.baddbmm(g[:, :k], R, y, alpha=-1), g[:, k:]), dim=1)
+        x = torch.baddbmm(x[:, None], y.mT, basis[:, :k])[:, 0]
+        return x, torch.linalg.vector_norm(residual, dim=(1, 2)), zero.any(dim=1)
 
 
 class FixedPointSolver(LinearSolver):
