@@ -6,6 +6,8 @@ API: the Neural ODE becomes an infinite-time one by changing ``sensitivity=`` an
 """
 import argparse
 
+import numpy as np
+
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
@@ -59,6 +61,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--samples", type=int, default=512)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    np.random.seed(0)  # ToyDataset draws its noise from numpy's global generator
     X, y = ToyDataset().generate(n_samples=args.samples, dataset_type="moons", noise=0.1)
     loader = DataLoader(TensorDataset(X, y.long()), batch_size=min(128, args.samples), shuffle=True)
 
