@@ -31,3 +31,14 @@ def test_doors_writes_a_row_per_door(tmp_path):
     assert [r["door"] for r in data["rows"]] == ["DEQ(f)", "InfiniteTimeNeuralODE(vf)", "NeuralODE(vf, 'steady_state')",
                                                  "odeint_steady_state"]
     assert data["rows"][0]["ratio"] == 1.0 and all(r["ms"] > 0 for r in data["rows"])
+
+
+def test_backward_ab_compares_the_same_solve(tmp_path):
+    """Both GMRES versions solve the same system: same iterations, residuals equal to rounding (HEAD: a
+    commit every clone has, shallow ones too)."""
+    from benchmarks import backward_ab
+
+    backward_ab.main(["--sizes", "4x8", "--repeats", "1", "--before", "HEAD", "--out", str(tmp_path / "ab")])
+    before, after = json.loads((tmp_path / "ab.json").read_text())["rows"]
+    assert before["iters"] == after["iters"] > 0 and abs(before["residual"] - after["residual"]) <= 1e-6
+    assert before["ops"] > 0 and after["ops"] > 0 and after["backward_ms"] > 0
