@@ -116,9 +116,14 @@ class SteadyStateSensitivity(Sensitivity):
         # half-precision states: the Krylov arithmetic in float32 (no half triangular solve on CPU)
         work = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
 
+        cast = work != gz.dtype  # no conversions in the loop when none is needed: each call costs dispatch
+
         def matvec(u: Tensor) -> Tensor:  # -(dg/dz)^T u: I - J_f^T for a DEQ, as the Neumann series needs
-            (vjp,) = torch.autograd.grad(gz, z_leaf, u.view(shape).to(gz.dtype), retain_graph=True, allow_unused=True)
-            return torch.zeros_like(u) if vjp is None else -vjp.reshape(batch, -1).to(work)
+            (vjp,) = torch.autograd.grad(gz, z_leaf, u.view(shape).to(gz.dtype) if cast else u.view(shape),
+                                         retain_graph=True, allow_unused=True)
+            if vjp is None:
+                return torch.zeros_like(u)
+            return -(vjp.reshape(batch, -1).to(work) if cast else vjp.reshape(batch, -1))
 
         b = v.reshape(batch, -1).to(work)
         if not bool(torch.isfinite(b).all()):
