@@ -96,3 +96,60 @@ def test_step_limit_ignores_growing_modes_and_bounds_decaying_ones():
     assert math.isinf(region.step_limit([complex(1.0), complex(0.0, 2.0)], 0.0, 0.8))
     # a per-sample magnitude above the batch's estimates tightens the limit in the same direction
     assert region.step_limit([complex(-1.0)], 20.0, 0.8) == pytest.approx(0.8 * 3.5 / 20, rel=0.02)
+
+
+def _linear_first_step(stepper: str, width: int = 16):
+    """A contractive linear field ``g = J (z - z*)`` from ``z0 = 0`` at tolerance 5e-3."""
+    gen = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(width, width, generator=gen, dtype=torch.float64))
+    J = -(q * torch.linspace(0.8, 1.2, width, dtype=torch.float64)) @ q.T
+    z_star = torch.randn(4, width, generator=gen, dtype=torch.float64)
+    return (lambda t, z: (z - z_star) @ J.T), torch.zeros(4, width, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("stepper", ["tsit5", "dopri5"])
+def test_first_step_meets_the_controllers_target_on_a_linear_field(stepper):
+    """On a linear field the probe's model is the step's own error estimate (up to the spread of
+    ``|lambda|``): the first step's error ratio lands near ``safety^order``, where Hairer's guess
+    lands orders of magnitude below it."""
+    from torchdyn_deq._ode import _named_tableau, _probe, _rk_body
+    from torchdyn_deq._step_control import StepController, first_step
+    g, z0 = _linear_first_step(stepper)
+    tableau, tol = _named_tableau(stepper), 5e-3
+    control = StepController(tableau.order, tableau.region)
+    g0 = g(0.0, z0)
+    d1, mu = _probe(g, z0, g0, tol, tol).tolist()
+    assert mu == pytest.approx(1.0, abs=0.25)
+    guess = first_step(d1, tableau.order)
+    h = control.first_step(guess, d1, mu, tableau.error)
+    assert guess < h <= control.max_factor * guess
+    ratio = float(_rk_body(g, tableau, z0, g0, (0.0, h), tol, tol, False)[2])
+    guess_ratio = float(_rk_body(g, tableau, z0, g0, (0.0, guess), tol, tol, False)[2])
+    target = control.safety ** tableau.order
+    assert 0.3 * target < ratio <= target and guess_ratio < 1e-3 * target
+
+
+def test_first_step_never_shortens_the_guess():
+    """A probe that sees a huge ``mu`` (a field far from linear at the start) leaves Hairer's guess;
+    one that sees none (``mu = 0``) lengthens it by ``max_factor`` at most; a non-finite one leaves it."""
+    from torchdyn_deq._ode import _named_tableau
+    from torchdyn_deq._step_control import StepController
+    tableau = _named_tableau("tsit5")
+    control = StepController(tableau.order, tableau.region, max_step=5.0)
+    assert control.first_step(0.2, 100.0, 1e3, tableau.error) == 0.2
+    assert control.first_step(0.2, 100.0, 0.0, tableau.error) == pytest.approx(2.0)
+    assert control.first_step(0.2, math.nan, 1.0, tableau.error) == 0.2
+    assert control.first_step(1.0, 1e-6, 0.0, tableau.error) == 5.0  # max_step bounds it
+
+
+def test_next_step_credits_the_speeds_fall():
+    """After an accepted step the next error is ``ratio * decay``: a speed falling 10x allows a
+    10^(1/order)x longer step; a rejected step's retry ignores it (it starts where the step did)."""
+    from torchdyn_deq._step_control import StepController
+    control = StepController(5, None)
+    plain = control.next_step(1.0, 0.5, math.inf)
+    assert control.next_step(1.0, 0.5, math.inf, decay=0.1) == pytest.approx(plain * 10 ** 0.2)
+    assert control.next_step(1.0, 2.0, math.inf, decay=0.1) == control.next_step(1.0, 2.0, math.inf)
+    # a speed that grows: the next error at the same step is predicted above 1, so the step shrinks
+    assert control.next_step(1.0, 0.5, math.inf, decay=10.0) == pytest.approx(0.9 * 5 ** -0.2)
+    assert control.next_step(1.0, 0.5, math.inf, decay=1.5) == 1.0  # predicted below 1: kept

@@ -20,7 +20,8 @@ from ._checks import boolean, float_in, positive_float
 from ._compile import CompiledStep
 from ._loop import Proposal, State, SteadyStateSolver, _wide
 from ._solution import SolveOptions
-from ._step_control import Stability, StabilityRegion, StepController, error_ratio, first_step, spectral_moments
+from ._step_control import (Stability, StabilityRegion, StepController, error_ratio, first_step, linear_coefficients,
+                            spectral_moments, start_ratio)
 
 
 class Tableau:
@@ -36,6 +37,7 @@ class Tableau:
         self.fsal = bool(self.a) and self.a[-1] == self.b[: len(self.a[-1])] and not any(self.b[len(self.a[-1]):]) \
             and self.c[-1] == 1.0
         self.region = StabilityRegion.runge_kutta(self.a, self.b[: len(self.a) + 1])
+        self.error = linear_coefficients(self.a, self.b_err)  # of the error estimate on a linear field
         self.evaluations = len(self.c) + (0 if self.fsal else 1)  # of g per step, k1 given
 
     @classmethod
@@ -107,11 +109,31 @@ def _rk_body(g, tableau: Tableau, z: Tensor, k1: Tensor, td, satol: float, srtol
     a 2-element tensor in a compiled step."""
     z_new, gz_new, err, stages, ks = rk_step(g, tableau, z, k1, td[0], td[1])
     ratio = error_ratio(_wide(err), _wide(z), _wide(z_new), satol, srtol)
+    # the speed's fall over the step, ||g(z_new)|| / ||g(z)||: the next step's error scales with it
+    decay = torch.linalg.vector_norm(_wide(gz_new)) / torch.linalg.vector_norm(_wide(k1)).clamp_min(
+        torch.finfo(ratio.dtype).tiny)
     if not estimate:
-        return z_new, gz_new, ratio
+        return z_new, gz_new, ratio, decay
     pairs = [(_flat(stages[-1]) - _flat(stages[-2]), _flat(ks[-1]) - _flat(ks[-2])),
              (_flat(stages[1]) - _flat(stages[0]), _flat(ks[1]) - _flat(ks[0]))]
-    return z_new, gz_new, ratio, spectral_moments(pairs)
+    return z_new, gz_new, ratio, decay, spectral_moments(pairs)
+
+
+def _probe(g, z0: Tensor, gz0: Tensor, satol: float, srtol: float) -> Tensor:
+    """What the first step's choice reads on the host, from one evaluation of ``g`` near the start:
+    ``[d1, mu]``, with ``d1`` of `start_ratio` and ``mu = ||J g0|| / ||g0||`` over the batch, from
+    ``J g0 ~ (g(z0 + eps g0) - g0) / eps``. ``eps`` makes the displacement's rms
+    ``sqrt(machine eps) (1 + rms(z0))``: the usual difference step of a Jacobian-vector product,
+    above rounding and far below the field's curvature."""
+    z, g0 = _wide(z0), _wide(gz0)
+    rms = 1 / max(g0.numel(), 1) ** 0.5
+    tiny = torch.finfo(g0.dtype).tiny
+    eps = (1 + torch.linalg.vector_norm(z) * rms) * torch.finfo(z0.dtype).eps ** 0.5 \
+        / (torch.linalg.vector_norm(g0) * rms).clamp_min(tiny)
+    zp = z0 + eps.to(z0.dtype) * gz0
+    # the displacement as rounded, not eps g0: in low precision they differ
+    mu = torch.linalg.vector_norm(_wide(g(0.0, zp)) - g0) / torch.linalg.vector_norm(_wide(zp) - z).clamp_min(tiny)
+    return torch.stack([start_ratio(g0, z, satol, srtol), mu])
 
 
 class _TimeStepper(SteadyStateSolver):
@@ -148,10 +170,11 @@ class _TimeStepper(SteadyStateSolver):
 
 
 class RKControl(NamedTuple):
-    """A Runge-Kutta solve's step control: the next step, the stability state, and the batch
-    the compiled step runs on (per-sample termination shrinks it: the rest run eagerly)."""
+    """A Runge-Kutta solve's step control: the next step (``None`` before the first, which the
+    first proposal chooses), the stability state, and the batch the compiled step runs on
+    (per-sample termination shrinks it: the rest run eagerly)."""
 
-    dt: float
+    dt: Optional[float]
     stability: Stability
     batch: int
 
@@ -163,7 +186,9 @@ class ODESteadyStateSolver(_TimeStepper):
     the local error at ``step_tol_factor * (atol, rtol)``, floored at ``min_step_tol``, and
     bound each step by the stability limit estimated from the step's own stages (Rayleigh-Ritz
     on the pairs ``(Y_s - Y_{s-1}, k_s - k_{s-1})`` and ``(Y_2 - z, k_2 - k_1)``, no extra
-    evaluation; see ``_step_control``). Fixed-step torchdyn steppers (euler, midpoint, rk4)
+    evaluation; see ``_step_control``). The first step's error is predicted from one more
+    evaluation near the start (``J g0``, `StepController.first_step`), made only when the start
+    does not already meet the stop test. Fixed-step torchdyn steppers (euler, midpoint, rk4)
     take ``step_size`` steps through torchdyn's own ``step``.
 
     Args:
@@ -231,9 +256,16 @@ class ODESteadyStateSolver(_TimeStepper):
     def init(self, g, z0, gz0, options):
         if not self.adaptive:
             return State(z0, gz0, 0.0, control=self.step_size)
-        satol, srtol = self._step_tolerances(options)
-        dt = min(float(first_step(_wide(gz0), _wide(z0), satol, srtol, self._tableau.order)), self.max_step)
-        return State(z0, gz0, 0.0, control=RKControl(dt, self._control.start(), z0.shape[0]))
+        # the first step is chosen by the first proposal (`_first_control`): a start that already
+        # meets the stop test never pays for its probe
+        return State(z0, gz0, 0.0, control=RKControl(None, self._control.start(), z0.shape[0]))
+
+    def _first_control(self, g, state: State, satol: float, srtol: float) -> RKControl:
+        """The first step's control: `StepController.first_step` from a probe of the field (one
+        evaluation, one synchronisation)."""
+        d1, mu = _probe(g, state.z, state.gz, satol, srtol).tolist()
+        return state.control._replace(
+            dt=self._control.first_step(first_step(d1, self._tableau.order), d1, mu, self._tableau.error))
 
     def propose(self, g, state, options):
         if not self.adaptive:
@@ -243,6 +275,9 @@ class ODESteadyStateSolver(_TimeStepper):
             return Proposal(z_new, g(state.t + dt, z_new), state.t + dt)
         control = state.control
         satol, srtol = self._step_tolerances(options)
+        first = control.dt is None
+        if first:
+            control = self._first_control(g, state, satol, srtol)
         estimate = self._control.wants_estimate(control.dt, control.stability)
         step = self._compiled("step", _rk_body)
         if step is not None and state.z.shape[0] == control.batch:
@@ -251,14 +286,15 @@ class ODESteadyStateSolver(_TimeStepper):
                        evaluations=(g, self._tableau.evaluations))
         else:
             out = _rk_body(g, self._tableau, state.z, state.gz, (state.t, control.dt), satol, srtol, estimate)
-        return Proposal(out[0], out[1], state.t + control.dt, signals=out[2:])
+        return Proposal(out[0], out[1], state.t + control.dt, signals=out[2:], payload=(control,) if first else ())
 
     def decide(self, g, state, proposal, signals, options):
         if not self.adaptive:
             return State(proposal.z, proposal.gz, proposal.t, control=state.control), True
-        control, ratio = state.control, signals[0]
-        stability = self._control.refresh(control.stability, signals[1:])
-        control = RKControl(self._control.next_step(control.dt, ratio, stability.limit), stability, control.batch)
+        control, (ratio, decay) = proposal.payload[0] if proposal.payload else state.control, signals[:2]
+        stability = self._control.refresh(control.stability, signals[2:])
+        control = RKControl(self._control.next_step(control.dt, ratio, stability.limit, decay=decay), stability,
+                            control.batch)
         if ratio <= 1:  # False for NaN
             return State(proposal.z, proposal.gz, proposal.t, control=control), True
         return State(state.z, state.gz, state.t, control=control), False
@@ -371,7 +407,7 @@ class VCAB3(_TimeStepper):
 
     def init(self, g, z0, gz0, options):
         satol, srtol = self._step_tolerances(options)
-        dt = min(float(first_step(_wide(gz0), _wide(z0), satol, srtol, 1)), self.max_step)
+        dt = min(first_step(float(start_ratio(_wide(gz0), _wide(z0), satol, srtol)), 1), self.max_step)
         return State(z0, gz0, 0.0, memory=VCAB3Memory([gz0], []),
                      control=VCAB3Control(dt, (0.0,), self._control.start(), z0.shape[0]))
 
