@@ -41,16 +41,31 @@ class FixedPointIteration(RootSolver):
         return Proposal(z, g(0.0, z), 0.0)
 
 
-class _AndersonMemory(NamedTuple):
-    """Anderson's state, per sample (leading batch dimension, restricted with the batch): the
-    last iterates ``X`` and images ``F`` (flattened), the best residual norm ``best``, the
-    iterations since it last fell by 1% (``since``), and the regularization ``lam`` in use."""
+def _put(buf: Tensor, dim: int, index: int, value: Tensor) -> Tensor:
+    """``buf`` with ``value`` at ``index`` along ``dim``: written in place, or, while autograd
+    records (backprop through the solver), into a new tensor: the graph of the earlier iterates
+    saved ``buf``, and an in-place write would invalidate it."""
+    if torch.is_grad_enabled():
+        return buf.select_scatter(value, dim, index)
+    buf.select(dim, index).copy_(value)
+    return buf
 
-    X: List[Tensor]
-    F: List[Tensor]
+
+class _AndersonMemory(NamedTuple):
+    """Anderson's state, per sample (leading batch dimension, restricted with the batch): ring
+    buffers of the last ``memory`` images ``F`` and residuals ``R = g`` (``(batch, memory, n)``;
+    slot ``i % memory`` holds the ``i``-th iterate), their Gram matrix ``gram = R R^T``
+    (``(batch, memory, memory)``, unscaled), the best residual norm ``best``, the iterations
+    since it last fell by 1% (``since``), the regularization ``lam`` in use, and the number of
+    iterates seen (``count``, one for the batch)."""
+
+    F: Tensor
+    R: Tensor
+    gram: Tensor
     best: Tensor
     since: Tensor
     lam: Tensor
+    count: int
 
 
 class AndersonAcceleration(RootSolver):
@@ -94,48 +109,63 @@ class AndersonAcceleration(RootSolver):
                                            low_open=False)
 
     def init(self, g, z0, gz0, options):
-        x, f = _flat(z0), _flat(z0 + gz0)
-        batch = x.shape[0]
+        x = _flat(z0)
+        batch, n = x.shape
+        # residuals and their products in float32 at least: the Gram matrix of half-precision
+        # residuals overflows, and the LU below has no half-precision kernel on the CPU (it is tiny)
         work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        best = (f - x).to(work).norm(dim=1)
-        return State(z0, gz0, 0.0, memory=_AndersonMemory(
-            [x], [f], best, torch.zeros(batch, dtype=torch.long, device=x.device),
-            torch.full((batch,), self.regularization, dtype=work, device=x.device)))
+        # zeros, not empty: the Gram row of a new residual is taken against every slot (used or not)
+        F = x.new_zeros(batch, self.memory, n)
+        R = x.new_zeros(batch, self.memory, n, dtype=work)
+        gram = x.new_zeros(batch, self.memory, self.memory, dtype=work)
+        memory = _AndersonMemory(F, R, gram, None, torch.zeros(batch, dtype=torch.long, device=x.device),
+                                 torch.full((batch,), self.regularization, dtype=work, device=x.device), 0)
+        memory, best = self._remember(memory, z0, gz0)
+        return State(z0, gz0, 0.0, memory._replace(best=best))
+
+    @staticmethod
+    def _remember(m: _AndersonMemory, z: Tensor, gz: Tensor):
+        """``m`` with the iterate ``z`` (``f(z) = z + g(z)``, residual ``g(z)``) in the next slot and
+        its row and column of the Gram matrix (``m`` inner products, not the ``m^2`` of the whole
+        matrix); and the residual's norm."""
+        slot = m.count % m.F.shape[1]
+        x, r = _flat(z), _flat(gz).to(m.R.dtype)
+        F = _put(m.F, 1, slot, x + _flat(gz))
+        R = _put(m.R, 1, slot, r)
+        row = torch.bmm(R, r[:, :, None])[..., 0]
+        gram = _put(_put(m.gram, 1, slot, row), 2, slot, row)
+        return m._replace(F=F, R=R, gram=gram, count=m.count + 1), r.norm(dim=1)
 
     def propose(self, g, state, options):
-        X, F, lam = state.memory.X, state.memory.F, state.memory.lam
-        Xs, Fs = torch.stack(X, dim=1), torch.stack(F, dim=1)
-        batch, used = Xs.shape[0], Xs.shape[1]
-        dtype, device = Xs.dtype, Xs.device
-        # in float32 at least: the Gram matrix of half-precision residuals overflows, and the LU
-        # below has no half-precision kernel on the CPU (it is tiny)
-        work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        G = (Fs - Xs).to(work)
-        gram = torch.bmm(G, G.transpose(1, 2))
-        scale = torch.diagonal(gram, dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(work).tiny)
-        gram = gram / scale[:, None, None] + lam[:, None, None] * torch.eye(used, dtype=work, device=device)
-        # minimise alpha^T gram alpha subject to sum(alpha) = 1: alpha = gram^-1 1 / (1^T gram^-1 1)
-        # (the regularised gram is positive definite; the same as the bordered KKT system, smaller)
-        w = torch.linalg.solve(gram, torch.ones(batch, used, 1, dtype=work, device=device))[..., 0]
-        alpha = (w / w.sum(dim=1, keepdim=True)).to(dtype)
-        z = self.mixing * torch.bmm(alpha[:, None], Fs)[:, 0]
-        if self.mixing < 1:
-            z = z + (1 - self.mixing) * torch.bmm(alpha[:, None], Xs)[:, 0]
+        m = state.memory
+        used = min(m.count, self.memory)  # the slots filled: all but at the start
+        F, R, gram = m.F[:, :used], m.R[:, :used], m.gram[:, :used, :used]
+        # minimise alpha^T (gram / scale + lam I) alpha subject to sum(alpha) = 1 (the Gram matrix
+        # scaled to unit largest diagonal): alpha = A^-1 1 / (1^T A^-1 1) (the regularised matrix is
+        # positive definite; the same as the bordered KKT system, smaller)
+        scale = torch.diagonal(gram, dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(gram.dtype).tiny)
+        A = gram / scale[:, None, None]
+        A.diagonal(dim1=1, dim2=2).add_(m.lam[:, None])
+        # no error check (on CUDA it would synchronise with the host every iteration): a singular A,
+        # possible only at regularization=0, gives non-finite weights, which the loop reports
+        w = torch.linalg.solve_ex(A, A.new_ones(A.shape[0], used, 1))[0][..., 0]
+        alpha = w / w.sum(dim=1, keepdim=True)
+        z = torch.bmm(alpha[:, None].to(F.dtype), F)[:, 0]
+        if self.mixing < 1:  # beta F + (1 - beta) X = F - (1 - beta) R, R = F - X
+            z = z - (1 - self.mixing) * torch.bmm(alpha[:, None], R)[:, 0].to(F.dtype)
         z = z.view(state.z.shape)
         return Proposal(z, g(0.0, z), 0.0)
 
     def decide(self, g, state, proposal, signals, options):
+        memory, res = self._remember(state.memory, proposal.z, proposal.gz)
         m = state.memory
-        x, f = _flat(proposal.z), _flat(proposal.z + proposal.gz)
-        res = (f - x).to(m.best.dtype).norm(dim=1)
         better = res < 0.99 * m.best
-        since = torch.where(better, 0, m.since + 1)
+        since = (m.since + 1).masked_fill_(better, 0)
         stuck = since >= self.safeguard_patience
-        lam = torch.where(stuck, (m.lam * 10).clamp_max_(self.max_regularization),
-                          torch.where(better, (m.lam / 10).clamp_min_(self.regularization), m.lam))
-        # lists, not preallocated buffers: in-place writes would break backprop through the solver
-        memory = _AndersonMemory((m.X + [x])[-self.memory:], (m.F + [f])[-self.memory:], torch.minimum(res, m.best),
-                                 torch.where(stuck, 0, since), lam)
+        # lam stays within [regularization, max_regularization]: tenfold up where stuck, down where better
+        lam = torch.where(stuck, m.lam * 10, torch.where(better, m.lam / 10, m.lam)).clamp_(
+            self.regularization, self.max_regularization)
+        memory = memory._replace(best=torch.minimum(res, m.best), since=since.masked_fill_(stuck, 0), lam=lam)
         return State(proposal.z, proposal.gz, 0.0, memory), True
 
 
