@@ -5,7 +5,7 @@ Memory is kept on the flattened per-sample state ``(batch, n)``.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple
+from typing import NamedTuple, Tuple
 
 import torch
 from torch import Tensor
@@ -54,16 +54,16 @@ def _put(buf: Tensor, dim: int, index: int, value: Tensor) -> Tensor:
 class _AndersonMemory(NamedTuple):
     """Anderson's state, per sample (leading batch dimension, restricted with the batch): ring
     buffers of the last ``memory`` images ``F`` and residuals ``R = g`` (``(batch, memory, n)``;
-    slot ``i % memory`` holds the ``i``-th iterate), their Gram matrix ``gram = R R^T``
-    (``(batch, memory, memory)``, unscaled), the best residual norm ``best``, the iterations
-    since it last fell by 1% (``since``), the regularization ``lam`` in use, and the number of
-    iterates seen (``count``, one for the batch)."""
+    slot ``i % memory`` holds iterate ``i``), their Gram matrix ``gram = R R^T`` (``(batch, memory,
+    memory)``, unscaled), the best residual norm ``best``, the iterate at which it last fell by 1%
+    or ``lam`` last rose (``mark``), the regularization ``lam`` in use; and the number of iterates
+    seen (``count``, one for the batch)."""
 
     F: Tensor
     R: Tensor
     gram: Tensor
     best: Tensor
-    since: Tensor
+    mark: Tensor
     lam: Tensor
     count: int
 
@@ -114,23 +114,23 @@ class AndersonAcceleration(RootSolver):
         # residuals and their products in float32 at least: the Gram matrix of half-precision
         # residuals overflows, and the LU below has no half-precision kernel on the CPU (it is tiny)
         work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        # zeros, not empty: the Gram row of a new residual is taken against every slot (used or not)
-        F = x.new_zeros(batch, self.memory, n)
-        R = x.new_zeros(batch, self.memory, n, dtype=work)
-        gram = x.new_zeros(batch, self.memory, self.memory, dtype=work)
-        memory = _AndersonMemory(F, R, gram, None, torch.zeros(batch, dtype=torch.long, device=x.device),
-                                 torch.full((batch,), self.regularization, dtype=work, device=x.device), 0)
-        memory, best = self._remember(memory, z0, gz0)
-        return State(z0, gz0, 0.0, memory._replace(best=best))
+        # zeros, not empty: a new residual's Gram row is taken against every slot, filled or not
+        empty = _AndersonMemory(
+            x.new_zeros(batch, self.memory, n), x.new_zeros(batch, self.memory, n, dtype=work),
+            x.new_zeros(batch, self.memory, self.memory, dtype=work), None,
+            torch.zeros(batch, dtype=torch.long, device=x.device),
+            torch.full((batch,), self.regularization, dtype=work, device=x.device), 0)
+        memory, residual = self._remember(empty, z0, gz0)
+        return State(z0, gz0, 0.0, memory._replace(best=residual))
 
     @staticmethod
-    def _remember(m: _AndersonMemory, z: Tensor, gz: Tensor):
-        """``m`` with the iterate ``z`` (``f(z) = z + g(z)``, residual ``g(z)``) in the next slot and
-        its row and column of the Gram matrix (``m`` inner products, not the ``m^2`` of the whole
-        matrix); and the residual's norm."""
+    def _remember(m: _AndersonMemory, z: Tensor, gz: Tensor) -> Tuple[_AndersonMemory, Tensor]:
+        """``m`` with iterate ``z`` in the next slot (image ``z + g(z)``, residual ``g(z)``) and its
+        row and column of the Gram matrix (``memory`` products, not the whole matrix's
+        ``memory^2``); and the residual's norm."""
         slot = m.count % m.F.shape[1]
-        x, r = _flat(z), _flat(gz).to(m.R.dtype)
-        F = _put(m.F, 1, slot, x + _flat(gz))
+        r = _flat(gz).to(m.R.dtype)
+        F = _put(m.F, 1, slot, _flat(z) + _flat(gz))
         R = _put(m.R, 1, slot, r)
         row = torch.bmm(R, r[:, :, None])[..., 0]
         gram = _put(_put(m.gram, 1, slot, row), 2, slot, row)
@@ -138,34 +138,38 @@ class AndersonAcceleration(RootSolver):
 
     def propose(self, g, state, options):
         m = state.memory
-        used = min(m.count, self.memory)  # the slots filled: all but at the start
-        F, R, gram = m.F[:, :used], m.R[:, :used], m.gram[:, :used, :used]
+        used = min(m.count, self.memory)  # the slots filled: all once the history is full
+        gram = m.gram[:, :used, :used]
         # minimise alpha^T (gram / scale + lam I) alpha subject to sum(alpha) = 1 (the Gram matrix
         # scaled to unit largest diagonal): alpha = A^-1 1 / (1^T A^-1 1) (the regularised matrix is
         # positive definite; the same as the bordered KKT system, smaller)
-        scale = torch.diagonal(gram, dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(gram.dtype).tiny)
-        A = gram / scale[:, None, None]
+        scale = torch.diagonal(gram, dim1=1, dim2=2).amax(dim=1, keepdim=True).clamp_min(torch.finfo(gram.dtype).tiny)
+        A = gram / scale[..., None]
         A.diagonal(dim1=1, dim2=2).add_(m.lam[:, None])
-        # no error check (on CUDA it would synchronise with the host every iteration): a singular A,
-        # possible only at regularization=0, gives non-finite weights, which the loop reports
-        w = torch.linalg.solve_ex(A, A.new_ones(A.shape[0], used, 1))[0][..., 0]
-        alpha = w / w.sum(dim=1, keepdim=True)
-        z = torch.bmm(alpha[:, None].to(F.dtype), F)[:, 0]
-        if self.mixing < 1:  # beta F + (1 - beta) X = F - (1 - beta) R, R = F - X
-            z = z - (1 - self.mixing) * torch.bmm(alpha[:, None], R)[:, 0].to(F.dtype)
+        # no error check (on CUDA it synchronises with the host): a singular A, possible only at
+        # regularization=0, gives non-finite weights, which the loop reports as non-finite values
+        w = torch.linalg.solve_ex(A, A.new_ones(A.shape[0], used, 1))[0]
+        alpha = (w / w.sum(dim=1, keepdim=True)).mT  # (batch, 1, used)
+        z = torch.bmm(alpha.to(m.F.dtype), m.F[:, :used])[:, 0]
+        if self.mixing < 1:  # beta F + (1 - beta) X = F - (1 - beta) R, as R = F - X
+            z = z - (1 - self.mixing) * torch.bmm(alpha, m.R[:, :used])[:, 0].to(z.dtype)
         z = z.view(state.z.shape)
         return Proposal(z, g(0.0, z), 0.0)
 
     def decide(self, g, state, proposal, signals, options):
-        memory, res = self._remember(state.memory, proposal.z, proposal.gz)
-        m = state.memory
-        better = res < 0.99 * m.best
-        since = (m.since + 1).masked_fill_(better, 0)
-        stuck = since >= self.safeguard_patience
-        # lam stays within [regularization, max_regularization]: tenfold up where stuck, down where better
-        lam = torch.where(stuck, m.lam * 10, torch.where(better, m.lam / 10, m.lam)).clamp_(
-            self.regularization, self.max_regularization)
-        memory = memory._replace(best=torch.minimum(res, m.best), since=since.masked_fill_(stuck, 0), lam=lam)
+        memory, residual = self._remember(state.memory, proposal.z, proposal.gz)
+        count, mark, lam = memory.count, state.memory.mark, state.memory.lam
+        better = residual < 0.99 * state.memory.best
+        mark = mark.masked_fill(better, count)
+        # lam changes only where it rose (stuck once): not within the first safeguard_patience
+        # iterates (a host-side count, no synchronisation), when it is still regularization
+        if count > self.safeguard_patience:
+            stuck = mark <= count - self.safeguard_patience
+            # tenfold up where stuck, down where better: within [regularization, max_regularization]
+            lam = torch.where(stuck, lam * 10, torch.where(better, lam / 10, lam)).clamp_(
+                self.regularization, self.max_regularization)
+            mark.masked_fill_(stuck, count)
+        memory = memory._replace(best=torch.minimum(residual, state.memory.best), mark=mark, lam=lam)
         return State(proposal.z, proposal.gz, 0.0, memory), True
 
 
