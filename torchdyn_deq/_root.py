@@ -55,9 +55,9 @@ class _AndersonMemory(NamedTuple):
     """Anderson's state, per sample (leading batch dimension, restricted with the batch): ring
     buffers of the last ``memory`` images ``F`` and residuals ``R = g`` (``(batch, memory, n)``;
     slot ``i % memory`` holds iterate ``i``), their Gram matrix ``gram = R R^T`` (``(batch, memory,
-    memory)``, unscaled), the best residual norm ``best``, the iterate at which it last fell by 1%
-    or ``lam`` last rose (``mark``), the regularization ``lam`` in use; and the number of iterates
-    seen (``count``, one for the batch)."""
+    memory)``, unscaled), the best residual norm ``best``, the number of iterates seen when it last
+    fell by 1% or ``lam`` last rose (``mark``: ``count - mark`` iterations since), the
+    regularization ``lam`` in use; and the number of iterates seen (``count``, one for the batch)."""
 
     F: Tensor
     R: Tensor
@@ -118,7 +118,7 @@ class AndersonAcceleration(RootSolver):
         empty = _AndersonMemory(
             x.new_zeros(batch, self.memory, n), x.new_zeros(batch, self.memory, n, dtype=work),
             x.new_zeros(batch, self.memory, self.memory, dtype=work), None,
-            torch.zeros(batch, dtype=torch.long, device=x.device),
+            torch.ones(batch, dtype=torch.long, device=x.device),  # z0, the first iterate seen, is the best yet
             torch.full((batch,), self.regularization, dtype=work, device=x.device), 0)
         memory, residual = self._remember(empty, z0, gz0)
         return State(z0, gz0, 0.0, memory._replace(best=residual))
@@ -161,8 +161,8 @@ class AndersonAcceleration(RootSolver):
         count, mark, lam = memory.count, state.memory.mark, state.memory.lam
         better = residual < 0.99 * state.memory.best
         mark = mark.masked_fill(better, count)
-        # lam changes only where it rose (stuck once): not within the first safeguard_patience
-        # iterates (a host-side count, no synchronisation), when it is still regularization
+        # lam leaves regularization by a rise only, which needs safeguard_patience iterations after
+        # z0's: until then (a count on the host, no synchronisation) no sample is stuck and lam stays
         if count > self.safeguard_patience:
             stuck = mark <= count - self.safeguard_patience
             # tenfold up where stuck, down where better: within [regularization, max_regularization]
