@@ -132,7 +132,8 @@ class AndersonAcceleration(RootSolver):
         r = _flat(gz).to(m.R.dtype)
         F = _put(m.F, 1, slot, _flat(z) + _flat(gz))
         R = _put(m.R, 1, slot, r)
-        row = torch.bmm(R, r[:, :, None])[..., 0]
+        # r^T R^T, (1, n) x (n, memory) per sample: on the CPU 2-9x faster than R r, (memory, n) x (n, 1)
+        row = torch.bmm(r[:, None], R.mT)[:, 0]
         gram = _put(_put(m.gram, 1, slot, row), 2, slot, row)
         return m._replace(F=F, R=R, gram=gram, count=m.count + 1), r.norm(dim=1)
 
