@@ -3,10 +3,12 @@
 Each older ``torchdyn_deq/_root.py`` (``git show REV:...``) is imported as a separate module beside
 the package, so the solvers run on the same loop, layer and inputs; their repeats alternate and
 medians are reported. For the paper's MNIST layer ``f(z, x) = tanh(l2(tanh(l1(z))) + x)`` at random
-init and the MNIST tolerance: forward overhead = no-grad solve time / (NFE x one evaluation of
-``g = f - z``), and Anderson's own time per iteration (``propose`` without ``g``, plus ``decide``)::
+init (by default at the MNIST tolerance, whose 5 NFE never fill the history; ``--tols`` for longer
+solves): forward overhead = no-grad solve time / (NFE x one evaluation of ``g = f - z``), and
+Anderson's own time per iteration (``propose`` without its ``g``, plus ``decide``)::
 
     python -m benchmarks.anderson_ab --threads 1 --sizes 32x128 --before baa26a1
+    python -m benchmarks.anderson_ab --threads 1 --sizes 32x128,256x512 --tols 5e-3,1e-6 --before ab5d9b1,baa26a1
 
 Results: ``benchmarks/results/anderson_ab.{md,json}`` (or ``--out``).
 """
@@ -68,7 +70,7 @@ def _own_time(solver) -> List[float]:
     return spent
 
 
-def measure(shape: Tuple[int, int], repeats: int, before: Sequence[str]) -> List[dict]:
+def measure(shape: Tuple[int, int], repeats: int, before: Sequence[str], tol: float = TOL) -> List[dict]:
     batch, width = shape
     torch.manual_seed(0)
     f = uncounted(InjectedLayer(width))
@@ -76,7 +78,7 @@ def measure(shape: Tuple[int, int], repeats: int, before: Sequence[str]) -> List
     z = torch.randn_like(x)
     solvers = {**{rev: older_anderson(rev)() for rev in before}, "this checkout": td.AndersonAcceleration()}
     spent = {k: _own_time(s) for k, s in solvers.items()}
-    models = {k: td.DEQ(f, solver=s, atol=TOL, rtol=TOL, state_shape=(width,)) for k, s in solvers.items()}
+    models = {k: td.DEQ(f, solver=s, atol=tol, rtol=tol, state_shape=(width,)) for k, s in solvers.items()}
     times: Dict[str, List[float]] = {k: [] for k in models}
     g_times: List[float] = []
     own: Dict[str, List[float]] = {k: [] for k in models}
@@ -99,7 +101,7 @@ def measure(shape: Tuple[int, int], repeats: int, before: Sequence[str]) -> List
     rows = []
     for key, model in models.items():
         nfe, t = model.solution.nfe, median(times[key])
-        rows.append({"size": f"{batch} x {width}", "anderson": key, "nfe": nfe, "forward_ms": 1e3 * t,
+        rows.append({"size": f"{batch} x {width}", "tol": tol, "anderson": key, "nfe": nfe, "forward_ms": 1e3 * t,
                      "forward_overhead": t / (nfe * g_eval), "own_us_per_iteration": 1e6 * median(own[key]),
                      "g_eval_us": 1e6 * g_eval})
     base = rows[0]
@@ -110,18 +112,20 @@ def measure(shape: Tuple[int, int], repeats: int, before: Sequence[str]) -> List
 
 
 def table(rows: Sequence[dict]) -> str:
-    head = ["size", "anderson", "NFE", "fwd (ms)", "fwd / (NFE x g)", "fwd ratio", "own (us / iteration)",
+    head = ["size", "tol", "anderson", "NFE", "fwd (ms)", "fwd / (NFE x g)", "fwd ratio", "own (us / iteration)",
             "own ratio", "g (us)"]
-    body = [[r["size"], r["anderson"], r["nfe"], f"{r['forward_ms']:.2f}", f"{r['forward_overhead']:.2f}",
+    body = [[r["size"], f"{r['tol']:g}", r["anderson"], r["nfe"], f"{r['forward_ms']:.2f}", f"{r['forward_overhead']:.2f}",
              f"{r['after_over_before']:.2f}", f"{r['own_us_per_iteration']:.0f}", f"{r['own_after_over_before']:.2f}",
              f"{r['g_eval_us']:.0f}"] for r in rows]
-    return markdown_table(head, body, align="llrrrrrrr")
+    return markdown_table(head, body, align="lllrrrrrrr")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="32x128,256x512", help="comma-separated BATCHxWIDTH")
     parser.add_argument("--repeats", type=int, default=51, help="timed solves per side (medians)")
+    parser.add_argument("--tols", default=f"{TOL:g}",
+                        help="comma-separated tolerances (atol = rtol; the default is the MNIST experiment's)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--before", default="baa26a1", help="comma-separated commits whose Anderson is compared")
     parser.add_argument("--out", type=Path, default=RESULTS / "anderson_ab", help="results stem (.md and .json)")
@@ -129,11 +133,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     torch.set_num_threads(args.threads)
     command = command_line("benchmarks.anderson_ab", argv)
     start = time.perf_counter()
-    rows = [row for s in args.sizes.split(",") for row in measure(size(s), args.repeats, args.before.split(","))]
+    rows = [row for s in args.sizes.split(",") for tol in args.tols.split(",")
+            for row in measure(size(s), args.repeats, args.before.split(","), float(tol))]
     info = machine(args.threads)
     text = (header(f"Anderson acceleration: this checkout against {args.before}, on this checkout's loop", command, info, args.threads,
                    time.perf_counter() - start) + f"{table(rows)}\n\n"
-            "- The paper's MNIST layer at random init, tolerance 5e-3, no-grad solves, repeats alternating, medians of\n"
+            "- The paper's MNIST layer at random init, no-grad solves, repeats alternating, medians of\n"
             "  the thread's CPU time (`time.thread_time`: not the time other processes held the core).\n"
             "- ratio: this row over the first; own: `propose` (less its `g`) plus `decide`, per iteration.\n")
     print(text)
