@@ -147,8 +147,9 @@ class AndersonAcceleration(RootSolver):
         scale = torch.diagonal(gram, dim1=1, dim2=2).amax(dim=1, keepdim=True).clamp_min(torch.finfo(gram.dtype).tiny)
         A = gram / scale[..., None]
         A.diagonal(dim1=1, dim2=2).add_(m.lam[:, None])
-        # no error check (on CUDA it synchronises with the host): a singular A, possible only at
-        # regularization=0, gives non-finite weights, which the loop reports as non-finite values
+        # no error check (linalg.solve reads the factorisation's status on the host every iteration,
+        # a synchronisation on CUDA): a singular A, possible only at regularization=0, gives
+        # non-finite weights, which the loop reports as non-finite values
         w = torch.linalg.solve_ex(A, A.new_ones(A.shape[0], used, 1))[0]
         alpha = (w / w.sum(dim=1, keepdim=True)).mT  # (batch, 1, used)
         z = torch.bmm(alpha.to(m.F.dtype), m.F[:, :used])[:, 0]
