@@ -26,8 +26,11 @@ LIMITS = {
     # one sample's slowest mode decays by < 1% per 10 time units at random init
     ("MDEQ layer (GroupNorm), 2 branches", "vcab3"): {"converged", "stalled"},
     # the stricter rules (no atol in one batch norm; the worst element) ask Anderson(5) for residuals its
-    # history cannot reach on this map (rho(df/dz) = 1.4-1.8): a stall, the same under every perturbation
-    ("MDEQ layer (GroupNorm), 2 branches", "anderson", "elementwise"): {"stalled"},
+    # history cannot reach on this map (rho(df/dz) = 1.4-1.8): a stall, the same under every perturbation;
+    # under the element-wise rule it wanders at 1-5x the tolerance and may dip just below it: converged
+    # (residual 0.90-0.99, 191-206 NFE) or stalled (153-161 NFE) with the history's rounding (its order in
+    # the ring buffer) and under 1e-6 perturbations of x
+    ("MDEQ layer (GroupNorm), 2 branches", "anderson", "elementwise"): {"stalled", "converged"},
     ("MDEQ layer (GroupNorm), 2 branches", "anderson", "batch_relative"): {"stalled"},
     # Broyden on a pure rotation (s^T B y = 0 for B = -I: the bad update) sits on an edge: 14-77 NFE or
     # a stall under 1e-6 perturbations of x. Not fixed (a restart of B made it worse)

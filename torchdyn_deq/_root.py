@@ -5,7 +5,7 @@ Memory is kept on the flattened per-sample state ``(batch, n)``.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple
+from typing import NamedTuple, Tuple
 
 import torch
 from torch import Tensor
@@ -41,16 +41,31 @@ class FixedPointIteration(RootSolver):
         return Proposal(z, g(0.0, z), 0.0)
 
 
-class _AndersonMemory(NamedTuple):
-    """Anderson's state, per sample (leading batch dimension, restricted with the batch): the
-    last iterates ``X`` and images ``F`` (flattened), the best residual norm ``best``, the
-    iterations since it last fell by 1% (``since``), and the regularization ``lam`` in use."""
+def _put(buf: Tensor, dim: int, index: int, value: Tensor) -> Tensor:
+    """``buf`` with ``value`` at ``index`` along ``dim``: written in place, or, while autograd
+    records (backprop through the solver), into a new tensor: the graph of the earlier iterates
+    saved ``buf``, and an in-place write would invalidate it."""
+    if torch.is_grad_enabled():
+        return buf.select_scatter(value, dim, index)
+    buf.select(dim, index).copy_(value)
+    return buf
 
-    X: List[Tensor]
-    F: List[Tensor]
+
+class _AndersonMemory(NamedTuple):
+    """Anderson's state, per sample (leading batch dimension, restricted with the batch): ring
+    buffers of the last ``memory`` images ``F`` and residuals ``R = g`` (``(batch, memory, n)``;
+    slot ``i % memory`` holds iterate ``i``), their Gram matrix ``gram = R R^T`` (``(batch, memory,
+    memory)``, unscaled), the best residual norm ``best``, the number of iterates seen when it last
+    fell by 1% or ``lam`` last rose (``mark``: ``count - mark`` iterations since), the
+    regularization ``lam`` in use; and the number of iterates seen (``count``, one for the batch)."""
+
+    F: Tensor
+    R: Tensor
+    gram: Tensor
     best: Tensor
-    since: Tensor
+    mark: Tensor
     lam: Tensor
+    count: int
 
 
 class AndersonAcceleration(RootSolver):
@@ -94,48 +109,69 @@ class AndersonAcceleration(RootSolver):
                                            low_open=False)
 
     def init(self, g, z0, gz0, options):
-        x, f = _flat(z0), _flat(z0 + gz0)
-        batch = x.shape[0]
+        x = _flat(z0)
+        batch, n = x.shape
+        # residuals and their products in float32 at least: the Gram matrix of half-precision
+        # residuals overflows, and the LU below has no half-precision kernel on the CPU (it is tiny)
         work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        best = (f - x).to(work).norm(dim=1)
-        return State(z0, gz0, 0.0, memory=_AndersonMemory(
-            [x], [f], best, torch.zeros(batch, dtype=torch.long, device=x.device),
-            torch.full((batch,), self.regularization, dtype=work, device=x.device)))
+        # zeros, not empty: a new residual's Gram row is taken against every slot, filled or not
+        empty = _AndersonMemory(
+            x.new_zeros(batch, self.memory, n), x.new_zeros(batch, self.memory, n, dtype=work),
+            x.new_zeros(batch, self.memory, self.memory, dtype=work), None,
+            torch.ones(batch, dtype=torch.long, device=x.device),  # z0, the first iterate seen, is the best yet
+            torch.full((batch,), self.regularization, dtype=work, device=x.device), 0)
+        memory, residual = self._remember(empty, z0, gz0)
+        return State(z0, gz0, 0.0, memory._replace(best=residual))
+
+    @staticmethod
+    def _remember(m: _AndersonMemory, z: Tensor, gz: Tensor) -> Tuple[_AndersonMemory, Tensor]:
+        """``m`` with iterate ``z`` in the next slot (image ``z + g(z)``, residual ``g(z)``) and its
+        row and column of the Gram matrix (``memory`` products, not the whole matrix's
+        ``memory^2``); and the residual's norm."""
+        slot = m.count % m.F.shape[1]
+        r = _flat(gz).to(m.R.dtype)
+        F = _put(m.F, 1, slot, _flat(z) + _flat(gz))
+        R = _put(m.R, 1, slot, r)
+        # r^T R^T, (1, n) x (n, memory) per sample: on the CPU 2-9x faster than R r, (memory, n) x (n, 1)
+        row = torch.bmm(r[:, None], R.mT)[:, 0]
+        gram = _put(_put(m.gram, 1, slot, row), 2, slot, row)
+        return m._replace(F=F, R=R, gram=gram, count=m.count + 1), r.norm(dim=1)
 
     def propose(self, g, state, options):
-        X, F, lam = state.memory.X, state.memory.F, state.memory.lam
-        Xs, Fs = torch.stack(X, dim=1), torch.stack(F, dim=1)
-        batch, used = Xs.shape[0], Xs.shape[1]
-        dtype, device = Xs.dtype, Xs.device
-        # in float32 at least: the Gram matrix of half-precision residuals overflows, and the LU
-        # below has no half-precision kernel on the CPU (it is tiny)
-        work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        G = (Fs - Xs).to(work)
-        gram = torch.bmm(G, G.transpose(1, 2))
-        scale = torch.diagonal(gram, dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(work).tiny)
-        gram = gram / scale[:, None, None] + lam[:, None, None] * torch.eye(used, dtype=work, device=device)
-        # minimise alpha^T gram alpha subject to sum(alpha) = 1: alpha = gram^-1 1 / (1^T gram^-1 1)
-        # (the regularised gram is positive definite; the same as the bordered KKT system, smaller)
-        w = torch.linalg.solve(gram, torch.ones(batch, used, 1, dtype=work, device=device))[..., 0]
-        alpha = (w / w.sum(dim=1, keepdim=True)).to(dtype)
-        z = self.mixing * torch.bmm(alpha[:, None], Fs)[:, 0]
-        if self.mixing < 1:
-            z = z + (1 - self.mixing) * torch.bmm(alpha[:, None], Xs)[:, 0]
+        m = state.memory
+        used = min(m.count, self.memory)  # the slots filled: all once the history is full
+        gram = m.gram[:, :used, :used]
+        # minimise alpha^T (gram / scale + lam I) alpha subject to sum(alpha) = 1 (the Gram matrix
+        # scaled to unit largest diagonal): alpha = A^-1 1 / (1^T A^-1 1) (the regularised matrix is
+        # positive definite; the same as the bordered KKT system, smaller)
+        scale = torch.diagonal(gram, dim1=1, dim2=2).amax(dim=1, keepdim=True).clamp_min(torch.finfo(gram.dtype).tiny)
+        A = gram / scale[..., None]
+        A.diagonal(dim1=1, dim2=2).add_(m.lam[:, None])
+        # no error check (linalg.solve reads the factorisation's status on the host every iteration,
+        # a synchronisation on CUDA): a singular A, possible only at regularization=0, gives
+        # non-finite weights, which the loop reports as non-finite values
+        w = torch.linalg.solve_ex(A, A.new_ones(A.shape[0], used, 1))[0]
+        alpha = (w / w.sum(dim=1, keepdim=True)).mT  # (batch, 1, used)
+        z = torch.bmm(alpha.to(m.F.dtype), m.F[:, :used])[:, 0]
+        if self.mixing < 1:  # beta F + (1 - beta) X = F - (1 - beta) R, as R = F - X
+            z = z - (1 - self.mixing) * torch.bmm(alpha, m.R[:, :used])[:, 0].to(z.dtype)
         z = z.view(state.z.shape)
         return Proposal(z, g(0.0, z), 0.0)
 
     def decide(self, g, state, proposal, signals, options):
-        m = state.memory
-        x, f = _flat(proposal.z), _flat(proposal.z + proposal.gz)
-        res = (f - x).to(m.best.dtype).norm(dim=1)
-        better = res < 0.99 * m.best
-        since = torch.where(better, 0, m.since + 1)
-        stuck = since >= self.safeguard_patience
-        lam = torch.where(stuck, (m.lam * 10).clamp_max_(self.max_regularization),
-                          torch.where(better, (m.lam / 10).clamp_min_(self.regularization), m.lam))
-        # lists, not preallocated buffers: in-place writes would break backprop through the solver
-        memory = _AndersonMemory((m.X + [x])[-self.memory:], (m.F + [f])[-self.memory:], torch.minimum(res, m.best),
-                                 torch.where(stuck, 0, since), lam)
+        memory, residual = self._remember(state.memory, proposal.z, proposal.gz)
+        count, mark, lam = memory.count, state.memory.mark, state.memory.lam
+        better = residual < 0.99 * state.memory.best
+        mark = mark.masked_fill(better, count)
+        # lam leaves regularization by a rise only, which needs safeguard_patience iterations after
+        # z0's: until then (a count on the host, no synchronisation) no sample is stuck and lam stays
+        if count > self.safeguard_patience:
+            stuck = mark <= count - self.safeguard_patience
+            # tenfold up where stuck, down where better: within [regularization, max_regularization]
+            lam = torch.where(stuck, lam * 10, torch.where(better, lam / 10, lam)).clamp_(
+                self.regularization, self.max_regularization)
+            mark.masked_fill_(stuck, count)
+        memory = memory._replace(best=torch.minimum(residual, state.memory.best), mark=mark, lam=lam)
         return State(proposal.z, proposal.gz, 0.0, memory), True
 
 
