@@ -341,6 +341,20 @@ class LitMNIST(LitClassifier):
             self.test_nfe_paper.append(nfe)
 
 
+def make_trainer(args: argparse.Namespace, variant: Variant, seed: int, **overrides) -> pl.Trainer:
+    """The job's Trainer for one row: CPU, the CSV logger under ``args.out_dir/logs``, no
+    checkpoints or model summary; ``overrides`` replace Trainer arguments (the bookkeeping
+    benchmark takes the logger or the progress bar away)."""
+    options = dict(
+        max_epochs=args.epochs, accelerator="cpu", devices=1,
+        logger=CSVLogger(args.out_dir, name="logs", version=f"{variant.key}-seed{seed}"), log_every_n_steps=1,
+        enable_checkpointing=False, enable_progress_bar=not args.no_progress, enable_model_summary=False,
+        limit_train_batches=args.limit_train_batches, limit_test_batches=args.limit_test_batches,
+    )
+    options.update(overrides)
+    return pl.Trainer(**options)
+
+
 def train_and_test(variant: Variant, seed: int, args: argparse.Namespace, train_set: Dataset,
                    test_set: Dataset) -> dict:
     """Train one variant from ``seed`` (weights and batch order) and return its result row."""
@@ -351,12 +365,7 @@ def train_and_test(variant: Variant, seed: int, args: argparse.Namespace, train_
     order = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=order)
     test_loader = DataLoader(test_set, batch_size=args.batch_size)
-    trainer = pl.Trainer(
-        max_epochs=args.epochs, accelerator="cpu", devices=1,
-        logger=CSVLogger(args.out_dir, name="logs", version=f"{variant.key}-seed{seed}"), log_every_n_steps=1,
-        enable_checkpointing=False, enable_progress_bar=not args.no_progress, enable_model_summary=False,
-        limit_train_batches=args.limit_train_batches, limit_test_batches=args.limit_test_batches,
-    )
+    trainer = make_trainer(args, variant, seed)
     with warnings.catch_warnings(record=True) as caught:
         # counted, not printed: a capped solve (the authors' 50 iterations, 15 GMRES iterations) is part
         # of their recipe, and thousands of warnings would bury the log
