@@ -31,3 +31,15 @@ def test_doors_writes_a_row_per_door(tmp_path):
     assert [r["door"] for r in data["rows"]] == ["DEQ(f)", "InfiniteTimeNeuralODE(vf)", "NeuralODE(vf, 'steady_state')",
                                                  "odeint_steady_state"]
     assert data["rows"][0]["ratio"] == 1.0 and all(r["ms"] > 0 for r in data["rows"])
+
+
+def test_bookkeeping_rows_train_the_same_model_on_the_same_batches(tmp_path):
+    from benchmarks import bookkeeping
+
+    bookkeeping.main(["--smoke", "--out", str(tmp_path / "bk")])
+    results = json.loads((tmp_path / "bk.json").read_text())["results"]["vanilla"]
+    assert list(results) == list(bookkeeping.ROWS)
+    # the same solves in every row: the rows differ in bookkeeping only
+    assert len({tuple(r["nfe"]) for r in results.values()}) == 1
+    assert all(len(r["outside_cpu"]) == len(r["cpu"]) == 3 for r in results.values())
+    assert "Outside it, over plain (ms)" in (tmp_path / "bk.md").read_text()

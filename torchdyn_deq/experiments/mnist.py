@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import torchdyn_deq as td
 from torchdyn_deq._solution import TERMINATIONS
 from torchdyn_deq.experiments.cli import comma_separated, positive, seed_list
-from torchdyn_deq.experiments.lightning import LitClassifier
+from torchdyn_deq.experiments.lightning import LitClassifier, StepProgressBar
 from torchdyn_deq._baselines import InjectedNeuralODE
 from torchdyn_deq._classifier import ImplicitClassifier
 from torchdyn_deq.experiments.reporting import machine_info, markdown_table, plot_time_ratios
@@ -320,9 +320,10 @@ class LitMNIST(LitClassifier):
         inputs, labels = batch
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         start, start_cpu = time.perf_counter(), time.thread_time()
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.net(inputs), labels) + self.net.aux_loss()
         forward, forward_cpu = time.perf_counter() - start, time.thread_time() - start_cpu
+        self.record_step(loss)  # outside the timed parts: no host sync, the backward hook adds its statistics
         self.manual_backward(loss)  # timed by the backward hooks
         start, start_cpu = time.perf_counter(), time.thread_time()
         optimizer.step()
@@ -330,8 +331,6 @@ class LitMNIST(LitClassifier):
             schedule.step()
         self.step_times.append(forward + self.backward_times[-1] + time.perf_counter() - start)
         self.step_cpu_times.append(forward_cpu + self._backward_cpu + time.thread_time() - start_cpu)
-        self.log("loss", loss.detach(), prog_bar=True)
-        self.log("nfe", float(self.net.forward_nfe()), prog_bar=True)
         return loss
 
     def test_step(self, batch: Tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -341,18 +340,19 @@ class LitMNIST(LitClassifier):
             self.test_nfe_paper.append(nfe)
 
 
-def make_trainer(args: argparse.Namespace, variant: Variant, seed: int, **overrides) -> pl.Trainer:
+def make_trainer(args: argparse.Namespace, variant: Variant, seed: int, progress: Optional[bool] = None,
+                 logger: bool = True, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     """The job's Trainer for one row: CPU, the CSV logger under ``args.out_dir/logs``, no
-    checkpoints or model summary; ``overrides`` replace Trainer arguments (the bookkeeping
-    benchmark takes the logger or the progress bar away)."""
-    options = dict(
+    checkpoints or model summary, `StepProgressBar` unless ``--no-progress``. ``progress`` and
+    ``logger=False`` override those two, ``callbacks`` are added (the bookkeeping benchmark)."""
+    progress = not args.no_progress if progress is None else progress
+    return pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1,
-        logger=CSVLogger(args.out_dir, name="logs", version=f"{variant.key}-seed{seed}"), log_every_n_steps=1,
-        enable_checkpointing=False, enable_progress_bar=not args.no_progress, enable_model_summary=False,
+        logger=CSVLogger(args.out_dir, name="logs", version=f"{variant.key}-seed{seed}") if logger else False,
+        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+        callbacks=[*callbacks, *([StepProgressBar()] if progress else [])],
         limit_train_batches=args.limit_train_batches, limit_test_batches=args.limit_test_batches,
     )
-    options.update(overrides)
-    return pl.Trainer(**options)
 
 
 def train_and_test(variant: Variant, seed: int, args: argparse.Namespace, train_set: Dataset,
