@@ -180,8 +180,9 @@ class StepController:
 
     where ``d`` is the fall of the speed ``||g||`` over an accepted step (1 after a rejected one:
     the retry starts where the step did), an accepted step is shrunk by the error term only
-    where the predicted ratio ``e d`` exceeds 1 (a speed that grows), and ``h_stable`` is `StabilityRegion.step_limit` of the latest eigenvalue estimates
-    (`ritz_values`). The first step comes from a probe of the field (`first_step`).
+    where the predicted ratio ``e d`` exceeds 1 (a speed that grows), and ``h_stable`` is
+    `StabilityRegion.step_limit` of the latest eigenvalue estimates (`ritz_values`). The first
+    step comes from a probe of the field (`first_step`).
 
     Args:
         order: the exponent's order (the error estimate's order plus one).
