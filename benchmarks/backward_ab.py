@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchdyn_deq as td
 from benchmarks.harness import RESULTS, command_line, header, machine, markdown_table, median, size, write_results
-from benchmarks.overhead import TOL
+from benchmarks.overhead import TOL, network_costs
 from torchdyn_deq import _linear_solvers
 from torchdyn_deq.experiments.mnist import InjectedLayer
 
@@ -50,26 +50,6 @@ def gmres_at(commit: str):
     return type(f"GMRES_{commit}", (_linear_solvers.GMRES,), {"_solve": module.GMRES._solve})
 
 
-def _cpu_median(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.thread_time()
-        fn()
-        times.append(time.thread_time() - start)
-    return median(times)
-
-
-def network_costs(f: InjectedLayer, x: torch.Tensor, v: torch.Tensor, repeats: int) -> Dict[str, float]:
-    """Thread CPU seconds of one VJP of ``g = f - z`` in ``z`` and of one full VJP (``z``, ``x``, the
-    parameters) with the evaluation it differentiates: the backward's network cost, on its clock."""
-    z = torch.randn_like(x).requires_grad_()
-    gz = f(z, x) - z
-    xg = x.clone().requires_grad_()
-    inputs = [z, xg, *f.parameters()]
-    return {"vjp_z": _cpu_median(lambda: torch.autograd.grad(gz, z, v, retain_graph=True), repeats),
-            "vjp_full": _cpu_median(lambda: torch.autograd.grad(f(z, xg) - z, inputs, v), repeats)}
-
-
 class _Count(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -85,7 +65,7 @@ def measure(width_batch, solvers: Dict[str, type], repeats: int, seed: int = 0) 
     torch.manual_seed(seed)
     f = InjectedLayer(width)
     x, v = torch.randn(batch, width), torch.randn(batch, width)
-    cost = network_costs(f, x, v, 10 * repeats)
+    cost = network_costs(f, x, 10 * repeats, clock=time.thread_time)  # the clock of the backward times below
     models = {name: td.DEQ(f, solver="tsit5", atol=TOL, rtol=TOL, state_shape=(width,),
                            sensitivity=td.SteadyStateSensitivity(cls(rtol=TOL)))
               for name, cls in solvers.items()}
