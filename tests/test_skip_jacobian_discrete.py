@@ -213,9 +213,9 @@ def test_skip_variants_cut_nfe_on_embedded_mnist():
             if variant == "vanilla":  # no steady-state stall on a realistic model (issue #2): step tolerance
                 deq(down(X[1280:]))      # = stop tolerance and no max_step, the stability limit bounds the steps
                 assert deq.solution.converged and deq.solution.steps_accepted + deq.solution.steps_rejected <= 15
-    # since the first step is predicted from a probe of the field, Vanilla needs 31-33 NFE here (49.6
-    # before) and Skip / Skip Reg. 27 (31.6 / 24.2 before: Skip Reg.'s predicted first step is now
-    # rejected once, 3 + 1 steps instead of 4 + 0, an open item of #21), so the skip starts cut
-    # about 15% of Vanilla's evaluations instead of the paper's 30%+
+    # with the first step predicted from two probes of the field (the rate of ||J^k g0|| from their
+    # Ritz values), Vanilla needs 31-33 NFE here, Skip 28 and Skip Reg. 22 (3 steps, none rejected;
+    # with one probe, mu alone, its first step was rejected: 27): Skip Reg. cuts 30% of Vanilla's
+    # evaluations, as in the paper; Skip about 12%
     assert test_nfe["skip"] < 0.92 * test_nfe["vanilla"], test_nfe
-    assert test_nfe["skip_reg"] < 0.92 * test_nfe["vanilla"], test_nfe
+    assert test_nfe["skip_reg"] < 0.75 * test_nfe["vanilla"], test_nfe

@@ -118,10 +118,12 @@ def test_first_step_meets_the_controllers_target_on_a_linear_field(stepper):
     tableau, tol = _named_tableau(stepper), 5e-3
     control = StepController(tableau.order, tableau.region)
     g0 = g(0.0, z0)
-    d1, mu = _probe(g, z0, g0, tol, tol).tolist()
-    assert mu == pytest.approx(1.0, abs=0.25)
+    d1, mu, *moments = _probe(g, z0, g0, tol, tol).tolist()
+    rate = control.rate(mu, moments)
+    # |lambda| spread over [0.8, 1.2]: the rate of the high powers lies between mu and the spectral radius
+    assert mu == pytest.approx(1.0, abs=0.25) and mu <= rate <= 1.2 + 1e-6
     guess = first_step(d1, tableau.order)
-    h = control.first_step(guess, d1, mu, tableau.error)
+    h = control.first_step(guess, d1, mu, rate, tableau.error)
     assert guess < h <= control.max_factor * guess
     ratio = float(_rk_body(g, tableau, z0, g0, (0.0, h), tol, tol, False)[2])
     guess_ratio = float(_rk_body(g, tableau, z0, g0, (0.0, guess), tol, tol, False)[2])
@@ -136,10 +138,11 @@ def test_first_step_never_shortens_the_guess():
     from torchdyn_deq._step_control import StepController
     tableau = _named_tableau("tsit5")
     control = StepController(tableau.order, tableau.region, max_step=5.0)
-    assert control.first_step(0.2, 100.0, 1e3, tableau.error) == 0.2
-    assert control.first_step(0.2, 100.0, 0.0, tableau.error) == pytest.approx(2.0)
-    assert control.first_step(0.2, math.nan, 1.0, tableau.error) == 0.2
-    assert control.first_step(1.0, 1e-6, 0.0, tableau.error) == 5.0  # max_step bounds it
+    assert control.first_step(0.2, 100.0, 1e3, 1e3, tableau.error) == 0.2
+    assert control.first_step(0.2, 100.0, 0.0, 0.0, tableau.error) == pytest.approx(2.0)
+    assert control.first_step(0.2, math.nan, 1.0, 1.0, tableau.error) == 0.2
+    assert control.first_step(0.2, 100.0, 1.0, math.nan, tableau.error) == 0.2
+    assert control.first_step(1.0, 1e-6, 0.0, 0.0, tableau.error) == 5.0  # max_step bounds it
 
 
 def test_next_step_credits_the_speeds_fall():

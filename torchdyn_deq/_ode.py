@@ -120,20 +120,28 @@ def _rk_body(g, tableau: Tableau, z: Tensor, k1: Tensor, td, satol: float, srtol
 
 
 def _probe(g, z0: Tensor, gz0: Tensor, satol: float, srtol: float) -> Tensor:
-    """What the first step's choice reads on the host, from one evaluation of ``g`` near the start:
-    ``[d1, mu]``, with ``d1`` of `start_ratio` and ``mu = ||J g0|| / ||g0||`` over the batch, from
-    ``J g0 ~ (g(z0 + eps g0) - g0) / eps``. ``eps`` makes the displacement's rms
-    ``sqrt(machine eps) (1 + rms(z0))``: the usual difference step of a Jacobian-vector product,
-    above rounding and far below the field's curvature."""
+    """What the first step's choice reads on the host, from two evaluations of ``g`` near the start:
+    ``[d1, mu, moments...]``, with ``d1`` of `start_ratio`, ``mu = ||J g0|| / ||g0||`` over the
+    batch and the `spectral_moments` of the Krylov pairs ``(g0, J g0)``, ``(J g0, J^2 g0)`` (the
+    step's eigenvalue estimates: the rate at which ``||J^k g0||`` grows, and the first stability
+    limit). Each product is a difference, ``J v ~ (g(z0 + eps v) - g0) / eps``, with ``eps`` making
+    the displacement's rms ``sqrt(machine eps) (1 + rms(z0))``: the usual difference step of a
+    Jacobian-vector product, above rounding and far below the field's curvature."""
     z, g0 = _wide(z0), _wide(gz0)
     rms = 1 / max(g0.numel(), 1) ** 0.5
     tiny = torch.finfo(g0.dtype).tiny
-    eps = (1 + torch.linalg.vector_norm(z) * rms) * torch.finfo(z0.dtype).eps ** 0.5 \
-        / (torch.linalg.vector_norm(g0) * rms).clamp_min(tiny)
-    zp = z0 + eps.to(z0.dtype) * gz0
-    # the displacement as rounded, not eps g0: in low precision they differ
-    mu = torch.linalg.vector_norm(_wide(g(0.0, zp)) - g0) / torch.linalg.vector_norm(_wide(zp) - z).clamp_min(tiny)
-    return torch.stack([start_ratio(g0, z, satol, srtol), mu])
+    reach = (1 + torch.linalg.vector_norm(z) * rms) * torch.finfo(z0.dtype).eps ** 0.5
+
+    def difference(v: Tensor) -> Tuple[Tensor, Tensor]:
+        zp = z0 + (reach / (torch.linalg.vector_norm(v) * rms).clamp_min(tiny)).to(z0.dtype) * v.to(z0.dtype)
+        # the displacement as rounded, not eps v: in low precision they differ
+        return _wide(zp) - z, _wide(g(0.0, zp)) - g0
+
+    dz1, dg1 = difference(g0)
+    dz2, dg2 = difference(dg1)
+    mu = torch.linalg.vector_norm(dg1) / torch.linalg.vector_norm(dz1).clamp_min(tiny)
+    moments = spectral_moments([(_flat(dz1), _flat(dg1)), (_flat(dz2), _flat(dg2))])
+    return torch.cat([torch.stack([start_ratio(g0, z, satol, srtol), mu]), moments])
 
 
 class _TimeStepper(SteadyStateSolver):
@@ -186,9 +194,10 @@ class ODESteadyStateSolver(_TimeStepper):
     the local error at ``step_tol_factor * (atol, rtol)``, floored at ``min_step_tol``, and
     bound each step by the stability limit estimated from the step's own stages (Rayleigh-Ritz
     on the pairs ``(Y_s - Y_{s-1}, k_s - k_{s-1})`` and ``(Y_2 - z, k_2 - k_1)``, no extra
-    evaluation; see ``_step_control``). The first step's error is predicted from one more
-    evaluation near the start (``J g0``, `StepController.first_step`), made only when the start
-    does not already meet the stop test. Fixed-step torchdyn steppers (euler, midpoint, rk4)
+    evaluation; see ``_step_control``). The first step's error is predicted from two more
+    evaluations near the start (``J g0`` and ``J^2 g0``, `StepController.first_step`), made only
+    when the start does not already meet the stop test; their eigenvalue estimates bound the
+    first step by the stability limit too. Fixed-step torchdyn steppers (euler, midpoint, rk4)
     take ``step_size`` steps through torchdyn's own ``step``.
 
     Args:
@@ -261,11 +270,14 @@ class ODESteadyStateSolver(_TimeStepper):
         return State(z0, gz0, 0.0, control=RKControl(None, self._control.start(), z0.shape[0]))
 
     def _first_control(self, g, state: State, satol: float, srtol: float) -> RKControl:
-        """The first step's control: `StepController.first_step` from a probe of the field (one
-        evaluation, one synchronisation)."""
-        d1, mu = _probe(g, state.z, state.gz, satol, srtol).tolist()
-        return state.control._replace(
-            dt=self._control.first_step(first_step(d1, self._tableau.order), d1, mu, self._tableau.error))
+        """The first step's control: `StepController.first_step` from a probe of the field (two
+        evaluations, one synchronisation), within the stability limit of the probe's eigenvalue
+        estimates."""
+        d1, mu, *moments = _probe(g, state.z, state.gz, satol, srtol).tolist()
+        stability = self._control.refresh(state.control.stability, moments)
+        dt = self._control.first_step(first_step(d1, self._tableau.order), d1, mu, self._control.rate(mu, moments),
+                                      self._tableau.error)
+        return state.control._replace(dt=min(dt, stability.limit), stability=stability)
 
     def propose(self, g, state, options):
         if not self.adaptive:
