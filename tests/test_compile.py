@@ -55,11 +55,14 @@ def test_compiled_equals_eager_and_compiles_once_per_shape(solver):
         for _ in range(3):
             compiled(torch.randn(8, 16, dtype=torch.float64))
         assert compiles() == settled  # no recompilation per step or per solve
-        compiled(torch.randn(5, 16, dtype=torch.float64))  # a new batch size compiles once, then is cached
+        # a new batch size compiles each body's variants once, then is cached: the step with and without
+        # an eigenvalue estimate, and VCAB3's evaluation at an accepted point
+        for _ in range(3):
+            compiled(torch.randn(5, 16, dtype=torch.float64))
         resized = compiles()
-        assert resized > settled
-        compiled(torch.randn(5, 16, dtype=torch.float64))
-        compiled(torch.randn(5, 16, dtype=torch.float64))
+        assert settled < resized <= settled + 3
+        for _ in range(3):
+            compiled(torch.randn(5, 16, dtype=torch.float64))
         assert compiles() == resized
     assert not any(step.failed for step in compiled.solver._steps.values())
 
