@@ -230,7 +230,7 @@ class StepController:
         ``mu`` alone predicts too little error for the high powers that dominate a long step:
         on a trained Skip Reg. DEQ at its predicted start, ``mu = 0.81`` against a rate of 0.93
         for the fourth power, and its first step was rejected."""
-        if len(moments) < 8:
+        if len(moments) < 9:  # no estimates: as in `stable_step`
             return mu
         moduli = [abs(lam) for lam in ritz_values(moments) if math.isfinite(abs(lam))]
         return max([mu] + moduli)
