@@ -8,7 +8,7 @@ machine disturbs less than wall time), the GMRES iterations and relative residua
 agree), the operations dispatched by one backward pass (machine-independent), and the overhead
 over the network: time / (iterations x one VJP of ``g`` in ``z`` + one full VJP)::
 
-    python -m benchmarks.backward_ab --threads 1 --before baa26a1
+    python -m benchmarks.backward_ab --threads 1 --before b764fbe
 
 Results: ``benchmarks/results/backward_ab.{md,json}`` (or ``--out``).
 """
@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def gmres_at(commit: str):
-    """The ``GMRES`` class of ``torchdyn_deq/_linear_solvers.py`` at ``commit``, a subclass of this
-    checkout's `LinearSolver` (so the sensitivity accepts it) with that commit's ``_solve``."""
+    """The ``GMRES`` class of ``torchdyn_deq/_linear_solvers.py`` at ``commit`` (its scaling, ``_solve``
+    and ``_update``), also a subclass of this checkout's `GMRES`, so the sensitivity accepts it."""
     source = subprocess.run(["git", "show", f"{commit}:torchdyn_deq/_linear_solvers.py"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / f"linear_solvers_{commit}.py"
@@ -47,7 +47,7 @@ def gmres_at(commit: str):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    return type(f"GMRES_{commit}", (_linear_solvers.GMRES,), {"_solve": module.GMRES._solve})
+    return type(f"GMRES_{commit}", (module.GMRES, _linear_solvers.GMRES), {})
 
 
 class _Count(TorchDispatchMode):
@@ -96,7 +96,7 @@ def measure(width_batch, solvers: Dict[str, type], repeats: int, seed: int = 0) 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", default="baa26a1", help="the commit whose GMRES is compared")
+    parser.add_argument("--before", default="b764fbe", help="the commit whose GMRES is compared")
     parser.add_argument("--sizes", type=lambda s: [size(p) for p in s.split(",")], default=[(32, 128), (256, 512)])
     parser.add_argument("--repeats", type=int, default=61)
     parser.add_argument("--threads", type=int, default=1)

@@ -350,8 +350,9 @@ NOTES = """\
   `ru_maxrss` is a process-wide high-water mark and cannot be attributed to one method when all run in one process.
 - Tolerances: atol = rtol = {tol} for the steady-state solves and the Neural ODE's tsit5 (t in [0, 1], z0 = 0,
   torchdyn's default adjoint tolerances 1e-4); torchdeq: relative tolerance {tol}, backward 1e-5. The DEQs' backward
-  GMRES: this package's default rtol = 1e-5, atol = 0 (relative), except the `backward tol = tol` row: rtol = atol = {tol},
-  the paper's setting (its code solves the backward GMRES at the forward tolerances). `adjoint tol = tol`: the Neural
+  GMRES: this package's default, the forward tolerance relative to each sample's cotangent (rtol = {tol}, atol = 0),
+  except the `backward tol = tol` row: rtol = atol = {tol}, the paper's setting (its code solves the backward GMRES at
+  the forward tolerances). `adjoint tol = tol`: the Neural
   ODE adjoint at atol = rtol = {tol}, the matching baseline for that row.
 - `Jacobian-free backward`: `sensitivity='jacobian_free'`, w = v instead of the implicit solve (Fung et al. 2022; the
   paper authors' `jfb` mode): one VJP, an approximate gradient, so not a like-for-like timing of the same training.

@@ -204,3 +204,53 @@ def test_gmres_claims_convergence_only_at_the_true_residual(dtype, restart, spre
         assert true <= 10 * rtol and info.residual <= rtol
         outcomes.append(info.converged)
     assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("solver", [td.GMRES(), td.GMRES(restart=2), td.FixedPointSolver(), td.DirectSolver()])
+def test_a_non_finite_right_hand_side_is_not_solved(solver):
+    A, b, matvec = batched_system()
+    b[2, 3] = float("nan")
+    calls = []
+    x, info = solver.solve(lambda u: calls.append(1) or matvec(u), b)
+    assert info.result is td.Result.non_finite and info.iters == 0 and not info.converged and not calls
+
+
+@pytest.mark.parametrize("restart", [20, 2])
+def test_gmres_stops_at_the_first_non_finite_matvec(restart):
+    """A NaN from the operator ends the solve at once (non_finite), not after max_iters matvecs."""
+    A, b, matvec = batched_system()
+    calls = []
+
+    def poisoned(u):
+        calls.append(1)
+        out = matvec(u)
+        return out * float("nan") if len(calls) == 2 else out
+    x, info = td.GMRES(rtol=1e-12, max_iters=200).solve(poisoned, b)
+    assert info.result is td.Result.non_finite and not info.converged and len(calls) <= 3
+
+
+def test_an_overflowing_solution_is_reported_non_finite():
+    """A finite right-hand side whose solution overflows float32: scaled, the solve itself is exact."""
+    b = torch.full((2, 3), 3e38)
+    x, info = td.GMRES().solve(lambda u: 0.1 * u, b)
+    assert info.result is td.Result.non_finite and not info.converged
+
+
+def test_fixed_point_solver_reports_a_non_finite_operator():
+    A, b, matvec = batched_system()
+    x, info = td.FixedPointSolver(max_iters=20).solve(lambda u: matvec(u) * float("nan"), b)
+    assert info.result is td.Result.non_finite and not info.converged
+
+
+def test_gmres_with_zero_tolerance_keeps_its_krylov_cycles():
+    """rtol = atol = 0 with one sample solved exactly at a restart: 0 / 0 in the stop test must not end
+    every later cycle after one matvec."""
+    A, b, matvec = batched_system(batch=2, n=12)
+    b[1] = 0.0
+    b[1, 0] = 1.0
+    A[1] = torch.eye(12, dtype=A.dtype)  # sample 1 is solved exactly by the first cycle
+    calls = []
+    x, info = td.GMRES(rtol=0.0, restart=6, max_iters=14).solve(lambda u: calls.append(1) or matvec(u), b)
+    assert len(calls) == 14 and info.iters == 14
+    exact = torch.linalg.solve(A, b)
+    assert torch.allclose(x, exact, atol=1e-8)

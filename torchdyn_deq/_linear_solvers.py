@@ -13,8 +13,9 @@ relative accuracy of the solution does not depend on the scale of the loss.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -41,27 +42,40 @@ def _norm(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=1)
 
 
+def _largest(x: Tensor) -> float:
+    """``max |x|`` (NaN if ``x`` has one): a finiteness test in three operations where ``isfinite`` takes six."""
+    return float(x.abs().amax()) if x.numel() else 0.0
+
+
 class LinearSolver:
     """Base class: ``solve(matvec, b) -> (w, LinearSolveInfo)`` on ``(batch, n)`` tensors.
 
     ``solve`` scales each sample's system by ``max |b_i|`` and calls ``_solve`` on the scaled
-    one, with per-sample tolerances ``tol_i`` on ``||b_i - A w_i||`` in scaled units."""
+    one, with per-sample tolerances ``tol_i`` on ``||b_i - A w_i||`` in scaled units. A
+    non-finite ``b`` is not solved (`Result.non_finite` after 0 iterations); a solution that
+    is not finite is `Result.non_finite` too."""
 
     def __init__(self, rtol: float, atol: float, max_iters: int):
         self.rtol, self.atol = non_negative_float("rtol", rtol), non_negative_float("atol", atol)
         self.max_iters = positive_int("max_iters", max_iters)
 
-    @torch.no_grad()  # the solution carries no graph; matvec may still call torch.autograd.grad
     def solve(self, matvec: MatVec, b: Tensor):
+        if torch.is_grad_enabled():  # the solution carries no graph; matvec may still call torch.autograd.grad
+            with torch.no_grad():
+                return self.solve(matvec, b)
         scale = b.abs().amax(dim=1)
+        if not math.isfinite(float(scale.max()) if scale.numel() else 0.0):  # NaN propagates through amax
+            return b, LinearSolveInfo(0, math.nan, False, Result.non_finite)
         zero = scale == 0
-        scale = torch.where(zero, torch.ones_like(scale), scale)
+        scale = scale.masked_fill(zero, 1.0)
         bs = b / scale[:, None]
         bnorm = _norm(bs)
-        tol = torch.clamp(self.rtol * bnorm, min=self.atol / scale)
-        tol = torch.where(zero, torch.full_like(tol, torch.inf), tol)  # w_i = 0 solves b_i = 0 exactly
-        w, info = self._solve(matvec, bs, bnorm, tol)
-        return w * scale[:, None], info
+        tol = self.rtol * bnorm if self.atol == 0 else torch.clamp(self.rtol * bnorm, min=self.atol / scale)
+        w, info = self._solve(matvec, bs, bnorm, tol.masked_fill(zero, math.inf))  # w_i = 0 solves b_i = 0 exactly
+        w = w * scale[:, None]
+        if info.result is not Result.non_finite and not math.isfinite(_largest(w)):
+            info = LinearSolveInfo(info.iters, info.residual, False, Result.non_finite)  # overflow in the scaling back
+        return w, info
 
     def _solve(self, matvec: MatVec, b: Tensor, bnorm: Tensor, tol: Tensor):
         raise NotImplementedError
@@ -69,10 +83,12 @@ class LinearSolver:
     @staticmethod
     def _info(iters: int, r: Tensor, bnorm: Tensor, tol: Tensor, breakdown: bool = False) -> LinearSolveInfo:
         rnorm = _norm(r)
-        rel = torch.where(bnorm > 0, rnorm / bnorm.clamp_min(torch.finfo(bnorm.dtype).tiny), 0.0).max()
+        rel = float(torch.where(bnorm > 0, rnorm / bnorm.clamp_min(torch.finfo(bnorm.dtype).tiny), 0.0).max()) \
+            if rnorm.numel() else 0.0
         converged = bool((rnorm <= tol).all())
-        result = Result.converged if converged else Result.breakdown if breakdown else Result.max_steps
-        return LinearSolveInfo(iters, float(rel) if rel.numel() else 0.0, converged, result)
+        result = (Result.converged if converged else Result.non_finite if not math.isfinite(rel) else
+                  Result.breakdown if breakdown else Result.max_steps)
+        return LinearSolveInfo(iters, rel, converged, result)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -116,71 +132,82 @@ class GMRES(LinearSolver):
     def _solve(self, matvec, b, bnorm, tol):
         batch, n = b.shape
         tiny = torch.finfo(b.dtype).tiny
-        x, r, iters, broke = torch.zeros_like(b), b, 0, False
+        x, r, beta, iters, broke = None, b, bnorm, 0, False  # the first residual is b, its norm bnorm
         while True:
-            beta = _norm(r)
-            if bool((beta <= tol).all()) or iters >= self.max_iters:
+            if iters >= self.max_iters or bool((beta <= tol).all()):
+                x = torch.zeros_like(b) if x is None else x
                 return x, self._info(iters, r, bnorm, tol, breakdown=broke)
             m = min(self.restart, self.max_iters - iters)
             basis = b.new_empty(batch, m + 1, n)
+            columns = basis.mT  # V^T as slices of one view: no transpose per product
             # row j: column j of the Hessenberg matrix, its subdiagonal entry included
             hessenberg = b.new_zeros(batch, m, m + 1)
-            null = b.new_empty(batch, m + 1, 1)
-            # views made once per cycle: indexing in the loop costs as much as the arithmetic
-            vectors, rows, entries = basis.split(1, dim=1), hessenberg.split(1, dim=1), null.split(1, dim=1)
-            torch.div(r[:, None], beta.clamp_min(tiny)[:, None, None], out=vectors[0])
-            entries[0].fill_(1.0)
-            norm2 = b.new_ones(batch, 1, 1)
-            # the residual estimate beta / ||u|| <= tol, u the left null vector of the Hessenberg matrix
-            target = (beta / tol).square()[:, None, None]
+            null = b.new_zeros(batch, m + 1, 1)
+            null[:, 0] = 1.0
+            v = basis[:, 0]
+            torch.div(r, beta.clamp_min(tiny)[:, None], out=v)
+            # the residual estimate beta / ||u|| <= tol, u the left null vector of the Hessenberg matrix: the
+            # deficit (beta / tol)^2 - ||u||^2 must fall to zero (u = e_0 so far; beta = tol = 0 is met)
+            deficit = torch.nan_to_num(beta / tol, nan=0.0, posinf=math.inf).square_().sub_(1.0)[:, None, None]
             for j in range(m):
-                w = matvec(vectors[j][:, 0])[:, None]
+                w = matvec(v)[:, None]
                 iters += 1
-                # h = V w and w - V^T h as (1 x n)(n x j) and (1 x j)(j x n) batched products: the
-                # fastest forms on CPU (a batched matrix-vector bmm (j x n)(n x 1) is several times slower)
-                V = basis[:, : j + 1]
-                h = torch.bmm(w, V.mT)
-                w = torch.baddbmm(w, h, V, alpha=-1)
+                # h = V w and w - V^T h as (1 x n)(n x j) and (1 x j)(j x n) batched products: the fastest
+                # forms on CPU, except a (1 x 1)(1 x n) product, which is an elementwise one
+                V, Vt = basis[:, : j + 1], columns[:, :, : j + 1]
+                h = torch.bmm(w, Vt)
+                w = torch.addcmul(w, h, V, value=-1) if j == 0 else torch.baddbmm(w, h, V, alpha=-1)
                 if self.reorthogonalize:
-                    h2 = torch.bmm(w, V.mT)
-                    w = torch.baddbmm(w, h2, V, alpha=-1)
-                    h = h + h2
+                    h2 = torch.bmm(w, Vt)
+                    w = torch.addcmul(w, h2, V, value=-1) if j == 0 else torch.baddbmm(w, h2, V, alpha=-1)
+                    h += h2
                 hn = torch.linalg.vector_norm(w, dim=2, keepdim=True)
-                row = rows[j][:, :, : j + 2]
-                torch.cat((h, hn), dim=2, out=row)
+                torch.cat((h, hn), dim=2, out=hessenberg[:, j : j + 1, : j + 2])
                 hn = hn.clamp_min(tiny)
-                torch.div(w, hn, out=vectors[j + 1])
+                torch.div(w, hn, out=basis[:, j + 1 : j + 2])
+                v = basis[:, j + 1]
                 # u_{j+1} = -(u . h_j) / h_{j+1,j}, so that u^T H = 0; then ||r_j|| = beta / ||u|| (u_0 = 1)
-                torch.div(torch.bmm(h, null[:, : j + 1]), hn, out=entries[j + 1]).neg_()
-                norm2.addcmul_(entries[j + 1], entries[j + 1])
-                if bool((norm2 >= target).all()):
+                u = null[:, j + 1 : j + 2]
+                u.addcdiv_(torch.bmm(h, null[:, : j + 1]), hn, value=-1)
+                deficit.addcmul_(u, u, value=-1)
+                if not float(deficit.max()) > 0:  # NaN stops too: the least-squares solve below reports it
                     break
             x, estimate, singular = self._update(x, basis, beta, hessenberg[:, : j + 1, : j + 2])
-            broke = broke or bool((singular & (estimate > tol)).any())
             if bool((estimate <= tol).all()):
                 # the small least-squares residual is the true one in exact arithmetic: no extra matvec
-                rel = torch.where(bnorm > 0, estimate / bnorm.clamp_min(tiny), 0.0).max()
+                rel = (estimate / bnorm.clamp_min(tiny)).max()  # a zero sample has estimate 0
                 return x, LinearSolveInfo(iters, float(rel), True)
+            if not math.isfinite(float(estimate.max())):
+                return x, LinearSolveInfo(iters, math.nan, False, Result.non_finite)
+            broke = broke or (singular is not None and bool((singular & (estimate > tol)).any()))
             r = b - matvec(x)
+            beta = _norm(r)
             iters += 1
 
     @staticmethod
-    def _update(x: Tensor, basis: Tensor, beta: Tensor, rows: Tensor):
+    def _update(x: Optional[Tensor], basis: Tensor, beta: Tensor, rows: Tensor):
         """``x + V_k y`` with ``y`` the least-squares solution of ``H y = beta e_1`` (``rows = H^T``, the
-        ``(k + 1) x k`` Hessenberg matrix, by Householder QR), the residual ``|beta e_1 - H y|`` of every
-        sample, and whether ``H`` has a zero pivot (the operator is singular on the Krylov space)."""
+        ``(k + 1) x k`` Hessenberg matrix, by Householder QR; ``x = None`` is zero), the residual
+        ``|beta e_1 - H y|`` of every sample, and which samples' ``H`` has a zero pivot (the operator is
+        singular on the Krylov space; ``None`` if none has)."""
         k = rows.shape[1]
         Q, R = torch.linalg.qr(rows.mT, mode="complete")
         g = beta[:, None, None] * Q[:, :1].mT  # Q^T (beta e_1), a column
         R = R[:, :k]
-        # a zero pivot: a unit pivot with a zero right-hand side keeps that direction out of the solution
-        # instead of adding an arbitrary null-space component to it; the residual is then not |g_k| alone
-        zero = torch.diagonal(R, dim1=1, dim2=2).abs() <= torch.finfo(x.dtype).tiny
-        rhs = torch.where(zero[..., None], 0.0, g[:, :k])
-        y = torch.linalg.solve_triangular(R + torch.diag_embed(zero.to(x.dtype)), rhs, upper=True)
-        residual = torch.cat((torch.baddbmm(g[:, :k], R, y, alpha=-1), g[:, k:]), dim=1)
-        x = torch.baddbmm(x[:, None], y.mT, basis[:, :k])[:, 0]
-        return x, torch.linalg.vector_norm(residual, dim=(1, 2)), zero.any(dim=1)
+        pivots = torch.diagonal(R, dim1=1, dim2=2).abs()
+        if float(pivots.min()) > torch.finfo(x.dtype if x is not None else basis.dtype).tiny:
+            y = torch.linalg.solve_triangular(R, g[:, :k], upper=True)
+            residual, singular = g[:, k, 0].abs(), None
+        else:
+            # a zero pivot: a unit pivot with a zero right-hand side keeps that direction out of the solution
+            # instead of adding an arbitrary null-space component to it; the residual is then not |g_k| alone
+            zero = pivots <= torch.finfo(basis.dtype).tiny
+            rhs = torch.where(zero[..., None], 0.0, g[:, :k])
+            y = torch.linalg.solve_triangular(R + torch.diag_embed(zero.to(R.dtype)), rhs, upper=True)
+            residual = torch.cat((torch.baddbmm(g[:, :k], R, y, alpha=-1), g[:, k:]), dim=1)
+            residual, singular = torch.linalg.vector_norm(residual, dim=(1, 2)), zero.any(dim=1)
+        step = torch.bmm(y.mT, basis[:, :k])[:, 0] if x is None else torch.baddbmm(x[:, None], y.mT, basis[:, :k])[:, 0]
+        return step, residual, singular
 
 
 class FixedPointSolver(LinearSolver):

@@ -113,26 +113,28 @@ class SteadyStateSensitivity(Sensitivity):
             raise ValueError("solve_adjoint needs a linear solver: this sensitivity derives its own from the forward "
                              "solve's tolerance (solver_for(options))")
         batch, shape = v.shape[0], v.shape
+        flat = v.dim() == 2  # no reshapes in the loop when none is needed: each call costs dispatch
         # half-precision states: the Krylov arithmetic in float32 (no half triangular solve on CPU)
         work = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
-
-        cast = work != gz.dtype  # no conversions in the loop when none is needed: each call costs dispatch
+        cast = work != gz.dtype
 
         def matvec(u: Tensor) -> Tensor:  # -(dg/dz)^T u: I - J_f^T for a DEQ, as the Neumann series needs
-            (vjp,) = torch.autograd.grad(gz, z_leaf, u.view(shape).to(gz.dtype) if cast else u.view(shape),
-                                         retain_graph=True, allow_unused=True)
+            state = u if flat else u.view(shape)
+            (vjp,) = torch.autograd.grad(gz, z_leaf, state.to(gz.dtype) if cast else state, retain_graph=True,
+                                         allow_unused=True)
             if vjp is None:
                 return torch.zeros_like(u)
-            return -(vjp.reshape(batch, -1).to(work) if cast else vjp.reshape(batch, -1))
+            vjp = vjp if flat else vjp.reshape(batch, -1)
+            return -(vjp.to(work) if cast else vjp)
 
         b = v.reshape(batch, -1).to(work)
-        if not bool(torch.isfinite(b).all()):
-            raise NonFiniteError("the cotangent of the steady state contains NaN or inf: the loss or the layers after "
-                                 "the DEQ produced it. " + Result.non_finite.remedy)
         w, info = linear_solver.solve(matvec, b)
         record.iters, record.residual = info.iters, info.residual
+        if info.result is Result.non_finite and info.iters == 0:
+            raise NonFiniteError("the cotangent of the steady state contains NaN or inf: the loss or the layers after "
+                                 "the DEQ produced it. " + Result.non_finite.remedy)
         cause = f"{record.cause}. Then: " if record.cause else ""  # the cause before the symptom
-        if not bool(torch.isfinite(w).all()):
+        if info.result is Result.non_finite:
             raise NonFiniteError(f"{cause}non-finite values appeared in the implicit backward linear solve "
                                  f"({linear_solver!r}, {info.iters} iterations): the vector-Jacobian products "
                                  "of g at z* are not finite. " + Result.non_finite.remedy)
