@@ -377,13 +377,6 @@ def _ab_body(z: Tensor, evals: Sequence[Tensor], weights, satol: float, srtol: f
     return z_new, ratio, spectral_moments((pairs + pairs)[:2])
 
 
-def _ab_accept(g, t, z_new: Tensor, z: Tensor, g_old: Tensor):
-    """The evaluation at an accepted point and the step's secant: ``(g(z_new), dz, dg)``; ``t`` a
-    float, or a 1-element tensor in a compiled step."""
-    gz = g(t[0] if isinstance(t, Tensor) else t, z_new)
-    return gz, z_new - z, gz - g_old
-
-
 class VCAB3(_TimeStepper):
     """Variable-step Adams-Bashforth 3 with error control, integrated to steady state.
 
@@ -401,12 +394,13 @@ class VCAB3(_TimeStepper):
         max_factor: largest step growth per step. Default ``2.0``: the Adams weights are
             accurate for nearby nodes; a larger jump extrapolates the history too far.
         stall_time: as for `ODESteadyStateSolver`. Default ``10.0``.
-        compile: compile the step (the combination, error ratio and eigenvalue moments) and the
-            evaluation at an accepted point, once the history is full, as for
-            `ODESteadyStateSolver`. Default ``False``, for the same reason and one more: VCAB3's
-            step is a few dozen small operations besides its one evaluation, about what a
-            compiled call costs by itself (its guards), so at the paper's size it gains
-            nothing (``benchmarks/results/overhead.md``).
+        compile: compile the steps that estimate eigenvalues (the combination, the error ratio
+            and the spectral moments, a few dozen small operations) once the history is full, as
+            for `ODESteadyStateSolver`. The other steps (about ten operations) and the evaluation
+            at an accepted point (one evaluation of ``g``) stay eager: a compiled call costs more
+            than they do, by itself and in its guards on the network's parameters
+            (``benchmarks/results/compiled_bodies.md``). Default ``False``, for the same reason
+            as there.
         **loop_options: ``stall_patience``, ``divergence_factor``, ``per_sample``: the solve
             loop's tests (`SteadyStateSolver`).
     """
@@ -423,10 +417,12 @@ class VCAB3(_TimeStepper):
         return State(z0, gz0, 0.0, memory=VCAB3Memory([gz0], []),
                      control=VCAB3Control(dt, (0.0,), self._control.start(), z0.shape[0]))
 
-    def _full(self, state: State) -> bool:
-        """Whether the compiled bodies run: the history is full (the start-up's two steps of
-        lower order stay eager: two more compiles for two steps) and the batch is whole."""
-        return self.compile and len(state.memory.evals) == 3 and state.z.shape[0] == state.control.batch
+    def _compiled_step(self, state: State, estimate: bool) -> bool:
+        """Whether the compiled step runs: a step that estimates eigenvalues, with the history full
+        (the start-up's two steps of lower order stay eager: two more compiles for two steps) and
+        the batch whole."""
+        return (self.compile and estimate and len(state.memory.evals) == 3
+                and state.z.shape[0] == state.control.batch)
 
     def propose(self, g, state, options):
         evals, secants = state.memory
@@ -439,7 +435,7 @@ class VCAB3(_TimeStepper):
         weights = w + [wi - wl for wi, wl in zip(w, w_low)]
         satol, srtol = self._step_tolerances(options)
         estimate = self._control.wants_estimate(control.dt, control.stability)
-        if self._full(state):
+        if self._compiled_step(state, estimate):
             out = self._compiled("step", _ab_body)(
                 estimate, state.z, evals, self._numbers(state.z, *weights), satol, srtol, secants, estimate)
         else:
@@ -457,11 +453,8 @@ class VCAB3(_TimeStepper):
             next_dt = self._control.next_step(control.dt, ratio, stability.limit, order=len(evals))
         if not ratio <= 1:
             return State(state.z, state.gz, state.t, state.memory, control._replace(dt=next_dt, stability=stability)), False
-        if self._full(state):
-            gz, dz, dg = self._compiled("accept", _ab_accept)(None, g, self._numbers(state.z, proposal.t), proposal.z,
-                                                              state.z, evals[0], evaluations=(g, 1))
-        else:
-            gz, dz, dg = _ab_accept(g, proposal.t, proposal.z, state.z, evals[0])
+        gz = g(proposal.t, proposal.z)
+        dz, dg = proposal.z - state.z, gz - evals[0]
         memory = VCAB3Memory([gz] + evals[:2], [(dz, dg)] + secants[:1])
         control = VCAB3Control(next_dt, (proposal.t,) + control.times[:2], stability, control.batch)
         return State(proposal.z, gz, proposal.t, memory, control), True
