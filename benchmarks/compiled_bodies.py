@@ -138,14 +138,14 @@ def gmres_iteration(batch: int, width: int) -> Dict[str, Callable[[], object]]:
             "matvecs": lambda: [matvec(b) for _ in range(8)]}
 
 
-BURST = 5  # calls in a row: the first after another body meets cold caches, which the others do not
+BURST = 5  # calls in a row: the first after another body meets cold caches, the others warm ones
 
 
-def _burst(call: Callable[[], object], out: List[float]) -> None:
-    for _ in range(BURST):
+def _burst(call: Callable[[], object], warm: List[float], cold: List[float]) -> None:
+    for i in range(BURST):
         start = time.perf_counter()
         call()
-        out.append(time.perf_counter() - start)
+        (cold if i == 0 else warm).append(time.perf_counter() - start)
 
 
 def measure(batch: int, width: int, repeats: int) -> List[dict]:
@@ -161,17 +161,20 @@ def measure(batch: int, width: int, repeats: int) -> List[dict]:
             compiled()
             compile_s[name] = time.perf_counter() - start
         times = {name: ([], []) for name in calls}
+        cold = {name: ([], []) for name in calls}
         for _ in range(repeats // BURST):
             for name, pair in calls.items():
-                for call, out in zip(pair, times[name]):
-                    _burst(call, out)
+                for call, out, first in zip(pair, times[name], cold[name]):
+                    _burst(call, out, first)
             for name, call in sliced.items():
-                _burst(call, sliced_times[name])
+                _burst(call, sliced_times[name], [])
     per_iteration = (median(sliced_times["12"]) - median(sliced_times["4"]) - median(sliced_times["matvecs"])) / 8
     run = dict(size=f"{batch}x{width}", body="GMRES iteration as run (eager, sliced)", eager_us=1e6 * per_iteration,
-               compiled_us=None, ratio=None, compile_s=None)
+               compiled_us=None, ratio=None, compile_s=None, eager_cold_us=None,
+               compiled_cold_us=None)
     return [dict(size=f"{batch}x{width}", body=name, eager_us=1e6 * median(e), compiled_us=1e6 * median(c),
-                 ratio=median(c) / median(e), compile_s=compile_s[name]) for name, (e, c) in times.items()] + [run]
+                 ratio=median(c) / median(e), compile_s=compile_s[name], eager_cold_us=1e6 * median(cold[name][0]),
+                 compiled_cold_us=1e6 * median(cold[name][1])) for name, (e, c) in times.items()] + [run]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
@@ -186,14 +189,19 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     info = machine(args.threads)
     rows = [row for batch, width in args.sizes for row in measure(batch, width, args.repeats)]
     table = markdown_table(
-        ["size", "body", "eager (us)", "compiled (us)", "compiled / eager", "first call (s)"],
+        ["size", "body", "eager (us)", "compiled (us)", "compiled / eager", "eager, cold (us)", "compiled, cold (us)",
+         "first call (s)"],
         [[r["size"], r["body"], f"{r['eager_us']:.1f}"]
-         + (["—"] * 3 if r["ratio"] is None else [f"{r['compiled_us']:.1f}", f"{r['ratio']:.2f}", f"{r['compile_s']:.1f}"])
+         + (["—"] * 5 if r["ratio"] is None else [f"{r['compiled_us']:.1f}", f"{r['ratio']:.2f}",
+                                                   f"{r['eager_cold_us']:.1f}", f"{r['compiled_cold_us']:.1f}",
+                                                   f"{r['compile_s']:.1f}"])
          for r in rows])
     text = (header("Step bodies eager and compiled", command_line("benchmarks.compiled_bodies", argv), info,
                    args.threads, time.perf_counter() - started)
             + f"1-min load average at start {info['load_average_1min_at_start']:.2f}. Medians of {args.repeats} "
-              f"calls in bursts of {BURST}, the bodies interleaved burst by burst (wall time, no autograd); first call: the compiled body's first call, its "
+              f"calls in bursts of {BURST}, the bodies interleaved burst by burst (wall time, no autograd): eager and "
+              "compiled from the warm calls of each burst, cold from its first (after the other bodies ran, as in a "
+              "solve, where a body follows evaluations of the network); first call: the compiled body's first call, its "
               "compilation included (short when inductor's disk cache holds an earlier compile). Below 1.00 the compiled body is faster.\n\n" + table + "\n")
     write_results(args.out, text, dict(machine=info, rows=rows))
     print(text)
