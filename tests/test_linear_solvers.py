@@ -254,3 +254,23 @@ def test_gmres_with_zero_tolerance_keeps_its_krylov_cycles():
     assert len(calls) == 14 and info.iters == 14
     exact = torch.linalg.solve(A, b)
     assert torch.allclose(x, exact, atol=1e-8)
+
+
+@pytest.mark.parametrize("restart", [20, 2, 3])
+def test_a_rounding_level_pivot_is_not_taken_for_convergence(restart):
+    """A singular operator whose Krylov space becomes invariant: the last pivot is rounding noise, not 0.
+    Its huge least-squares solution shows in the back-substitution residual; convergence is not claimed."""
+    A = torch.diag(torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64))[None]
+    b = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)  # inconsistent: the best residual is ||b|| / sqrt(2)
+    matvec = lambda u: torch.bmm(A, u[:, :, None])[..., 0]  # noqa: E731
+    x, info = td.GMRES(rtol=1e-8, restart=restart, max_iters=12).solve(matvec, b)
+    true = float((b - matvec(x)).norm() / b.norm())
+    assert not info.converged and true > 0.5 and info.residual > 0.5
+
+
+def test_a_half_precision_gradient_that_overflows_is_named():
+    """The backward's solution is finite in float32 and overflows float16: an error, not inf gradients."""
+    model = td.DEQ(lambda z, x: 0.9 * z + x, state_shape=(4,), solver="anderson")  # w = v / (1 - 0.9)
+    z = model(torch.randn(2, 4).half().requires_grad_())[1][-1]
+    with pytest.raises(td.NonFiniteError, match="overflows torch.float16"):
+        (z.float() * 6e4).sum().backward()

@@ -29,8 +29,9 @@ MatVec = Callable[[Tensor], Tensor]
 @dataclass
 class LinearSolveInfo:
     """Iterations (matvecs) used, worst relative residual ``||b - A w|| / ||b||`` reached, whether
-    all samples converged, and the `Result` (``converged``, ``max_steps``, or ``breakdown``
-    for an operator singular on the Krylov space)."""
+    all samples converged, and the `Result` (``converged``, ``max_steps``, ``breakdown`` for an
+    operator singular on the Krylov space, or ``non_finite``: NaN or inf in the right-hand side
+    (after 0 iterations), in the operator's products or in the solution)."""
 
     iters: int
     residual: float
@@ -65,7 +66,7 @@ class LinearSolver:
                 return self.solve(matvec, b)
         scale = b.abs().amax(dim=1)
         if not math.isfinite(float(scale.max()) if scale.numel() else 0.0):  # NaN propagates through amax
-            return b, LinearSolveInfo(0, math.nan, False, Result.non_finite)
+            return torch.full_like(b, math.nan), LinearSolveInfo(0, math.nan, False, Result.non_finite)
         zero = scale == 0
         scale = scale.masked_fill(zero, 1.0)
         bs = b / scale[:, None]
@@ -195,17 +196,20 @@ class GMRES(LinearSolver):
         g = beta[:, None, None] * Q[:, :1].mT  # Q^T (beta e_1), a column
         R = R[:, :k]
         pivots = torch.diagonal(R, dim1=1, dim2=2).abs()
-        if float(pivots.min()) > torch.finfo(x.dtype if x is not None else basis.dtype).tiny:
-            y = torch.linalg.solve_triangular(R, g[:, :k], upper=True)
-            residual, singular = g[:, k, 0].abs(), None
+        tiny = torch.finfo(basis.dtype).tiny
+        if float(pivots.min()) > tiny:
+            y, singular = torch.linalg.solve_triangular(R, g[:, :k], upper=True), None
         else:
             # a zero pivot: a unit pivot with a zero right-hand side keeps that direction out of the solution
-            # instead of adding an arbitrary null-space component to it; the residual is then not |g_k| alone
-            zero = pivots <= torch.finfo(basis.dtype).tiny
+            # instead of adding an arbitrary null-space component to it
+            zero = pivots <= tiny
             rhs = torch.where(zero[..., None], 0.0, g[:, :k])
             y = torch.linalg.solve_triangular(R + torch.diag_embed(zero.to(R.dtype)), rhs, upper=True)
-            residual = torch.cat((torch.baddbmm(g[:, :k], R, y, alpha=-1), g[:, k:]), dim=1)
-            residual, singular = torch.linalg.vector_norm(residual, dim=(1, 2)), zero.any(dim=1)
+            singular = zero.any(dim=1)
+        # the residual as computed, not |g_k| alone: a pivot at rounding level (an invariant Krylov space
+        # of a singular operator) gives a huge y that the back-substitution error R y - g shows
+        residual = torch.cat((torch.baddbmm(g[:, :k], R, y, alpha=-1), g[:, k:]), dim=1)
+        residual = torch.linalg.vector_norm(residual, dim=(1, 2))
         step = torch.bmm(y.mT, basis[:, :k])[:, 0] if x is None else torch.baddbmm(x[:, None], y.mT, basis[:, :k])[:, 0]
         return step, residual, singular
 

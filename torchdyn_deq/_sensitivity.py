@@ -1,6 +1,7 @@
 """How gradients reach the parameters and the input through the steady state."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -146,7 +147,13 @@ class SteadyStateSensitivity(Sensitivity):
                    "Raise max_iters, loosen rtol, solve the forward pass more tightly, or add Jacobian regularization"),
                 self.on_failure,
             )
-        return w.view(shape).to(v.dtype)
+        w = w.view(shape).to(v.dtype)
+        if cast and not math.isfinite(float(w.abs().amax()) if w.numel() else 0.0):
+            raise NonFiniteError(f"{cause}the implicit backward's solution ({info.iters} iterations, finite in "
+                                 f"float32) overflows {v.dtype}: the cotangent of the steady state is too large "
+                                 "for the state's dtype. Scale the loss down (a GradScaler with a lower scale) "
+                                 "or keep the DEQ's state in float32")
+        return w
 
 
 class JacobianFreeSensitivity(Sensitivity):
