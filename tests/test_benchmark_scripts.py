@@ -1,5 +1,8 @@
 """The overhead and backward-tolerance benchmarks run end to end on tiny sizes and write both files."""
 import json
+import math
+
+import pytest
 
 from benchmarks import backward_tolerance, overhead
 
@@ -64,3 +67,17 @@ def test_compiled_bodies_times_each_body_both_ways(tmp_path):
     assert {r["body"] for r in rows} >= {"vcab3 step, with estimate", "GMRES iteration as run (eager, sliced)"}
     # the eager-as-run row is a difference of two times: its sign is not guaranteed on a tiny size
     assert all(r["eager_us"] > 0 and r["compiled_us"] > 0 for r in rows if r["ratio"] is not None)
+
+
+@pytest.mark.slow
+def test_spectrum_bound_traces_the_trained_models(tmp_path):
+    from benchmarks import spectrum_bound
+
+    spectrum_bound.main(["--warmup", "2", "--batches", "1", "--out", str(tmp_path / "sb")])
+    data = json.loads((tmp_path / "sb.json").read_text())
+    for row in data["rows"]:
+        assert row["nfe"] == row["model_nfe"]  # the trace is the model's own solve
+        assert 0 < row["h_max"] < math.inf and row["slowest_re"] > 0
+        assert len(row["steps"]) == row["accepted"] and sum(row["steps"]) == pytest.approx(row["t_end"])
+        assert row["worst_residual"][-1] <= 1 < row["worst_residual"][0]
+    assert data["neural_ode"][0]["nfe"] > 0
