@@ -81,3 +81,15 @@ def test_spectrum_bound_traces_the_trained_models(tmp_path):
         assert len(row["steps"]) == row["accepted"] and sum(row["steps"]) == pytest.approx(row["t_end"])
         assert row["worst_residual"][-1] <= 1 < row["worst_residual"][0]
     assert data["neural_ode"][0]["nfe"] > 0
+
+
+def test_op_count_attributes_every_operation(tmp_path):
+    from benchmarks import op_count
+
+    op_count.main(["--sizes", "4x8", "--repeats", "2", "--out", str(tmp_path / "oc")])
+    rows = json.loads((tmp_path / "oc.json").read_text())["rows"]
+    assert {r["solver"] for r in rows} == set(op_count.SOLVERS)
+    for r in rows:
+        forward = r["forward_ops"]
+        assert forward["network"] > 0 and r["forward_ops_outside"] == sum(forward.values()) - forward["network"]
+        assert 0 < r["backward_ops_outside"] < sum(r["backward_ops"].values())
