@@ -39,10 +39,15 @@ def _wide(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _rows(x: Tensor) -> Tensor:
+    """``x`` as ``(batch, n)`` (a flat state as it is: no operation)."""
+    return x if x.dim() == 2 else x.reshape(x.shape[0], -1)
+
+
 def _per_sample(dz: Tensor, z: Tensor, atol: float, rtol: float) -> Tuple[Tensor, Tensor, Tensor]:
     """Per sample: ``rms(dz / (atol + rtol |z|))``, ``||dz||`` and ``||atol + rtol |z| ||``."""
-    scale = _wide(z).abs().mul_(rtol).add_(atol).reshape(z.shape[0], -1)  # in place: one allocation, not three
-    g = _wide(dz).reshape(z.shape[0], -1)
+    scale = _rows(_wide(z).abs().mul_(rtol).add_(atol))  # in place: one allocation, not three
+    g = _rows(_wide(dz))
     sigma = torch.linalg.vector_norm(scale, dim=1)
     residual = torch.linalg.vector_norm(torch.div(g, scale, out=scale), dim=1).mul_(1 / max(g.shape[1], 1) ** 0.5)
     return residual, torch.linalg.vector_norm(g, dim=1), sigma
@@ -208,7 +213,7 @@ class Signals(NamedTuple):
 def _host_read(*groups: Sequence[Tensor]) -> List[List[float]]:
     """One host synchronisation for every group of tensors (0-dim or 1-dim), split back per group
     by their sizes (metadata, no sync)."""
-    flat = [p.reshape(-1) for group in groups for p in group]
+    flat = [p if p.dim() == 1 else p.reshape(-1) for group in groups for p in group]
     values = torch.cat(flat).tolist() if flat else []
     out, i = [], 0
     for group in groups:
@@ -304,7 +309,7 @@ class _Tracker:
         worst = new_best.amax()  # NaN propagates to the host check
         # max |z| every iterate: a state beyond the divergence bound is never converged (a residual
         # f(z) - z that rounds to 0 on a huge z met every rule)
-        size = _wide(z).abs().amax()
+        size = torch.linalg.vector_norm(_wide(z), math.inf)  # max |z| in one operation
         # a check every CHECK_EVERY accepted iterates (and the first): counted on accepted ones, so
         # rejected proposals never take a check's place
         if self.checked and self.unchecked < CHECK_EVERY - 1:

@@ -96,7 +96,14 @@ def rk_step(g, tableau: Tableau, z: Tensor, k1: Tensor, t, dt):
 
 
 def _flat(x: Tensor) -> Tensor:
-    return _wide(x).reshape(x.shape[0], -1)
+    """``x`` as ``(batch, n)``, in at least float32 (a flat state as it is: no operation)."""
+    x = _wide(x)
+    return x if x.dim() == 2 else x.reshape(x.shape[0], -1)
+
+
+def _secant(a: Tensor, b: Tensor) -> Tensor:
+    """``a - b`` as ``(batch, n)``, in at least float32 (half precision widened before the difference)."""
+    return _flat(_wide(a) - _wide(b))
 
 
 def _time_dtype(z: Tensor) -> torch.dtype:
@@ -114,8 +121,8 @@ def _rk_body(g, tableau: Tableau, z: Tensor, k1: Tensor, td, satol: float, srtol
         torch.finfo(ratio.dtype).tiny)
     if not estimate:
         return z_new, gz_new, ratio, decay
-    pairs = [(_flat(stages[-1]) - _flat(stages[-2]), _flat(ks[-1]) - _flat(ks[-2])),
-             (_flat(stages[1]) - _flat(stages[0]), _flat(ks[1]) - _flat(ks[0]))]
+    pairs = [(_secant(stages[-1], stages[-2]), _secant(ks[-1], ks[-2])),
+             (_secant(stages[1], stages[0]), _secant(ks[1], ks[0]))]
     return z_new, gz_new, ratio, decay, spectral_moments(pairs)
 
 

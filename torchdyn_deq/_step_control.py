@@ -133,14 +133,15 @@ def spectral_moments(pairs: Sequence[Tuple[Tensor, Tensor]]) -> Tensor:
     ``dz_i . dg_j`` (a ``2 x 4`` block) and ``max_samples ||dg_1|| / ||dz_1||``; 9 numbers, from
     one batched product."""
     (z1, g1), (z2, g2) = pairs
-    rows = torch.stack([z1, z2, g1], 1)
-    cols = torch.stack([z1, z2, g1, g2], 1)
-    m = torch.bmm(rows, cols.transpose(1, 2))  # (batch, 3, 4)
+    vectors = torch.stack([z1, z2, g1, g2], 1)
+    m = torch.bmm(vectors[:, :3], vectors.transpose(1, 2))  # (batch, 3, 4)
+    squares = m.diagonal(dim1=1, dim2=2)  # dz_1 . dz_1, dz_2 . dz_2, dg_1 . dg_1
+    dz2, dg2 = squares[:, 0], squares[:, 2]
     # samples whose dz is at rounding level against the batch's largest (a sample at its steady state
-    # under a time-dependent field) would make ||dg|| / ||dz|| meaningless and huge: left out
-    dz2 = m[:, 0, 0]
+    # under a time-dependent field) would make ||dg|| / ||dz|| meaningless and huge: left out (their
+    # quotient, inf or NaN where dz = 0, is not selected)
     moving = dz2 > torch.finfo(m.dtype).eps ** 2 * dz2.amax()
-    ratio = torch.where(moving, m[:, 2, 2] / torch.where(moving, dz2, 1.0), 0.0).amax().sqrt()
+    ratio = torch.where(moving, dg2 / dz2, 0.0).amax().sqrt()
     return torch.cat([m[:, :2].sum(0).flatten(), ratio.reshape(1)])
 
 
