@@ -124,6 +124,28 @@ def test_compile_option_errors():
     assert td.DEQ(Layer(), solver=solver).solver is solver
 
 
+def test_the_compiled_step_fuses_the_stop_test(monkeypatch):
+    """The loop tests only the start of a compiled RK solve: every step's new state comes tested
+    from the compiled body, with the same record as eager (NFE, steps, best residuals)."""
+    from torchdyn_deq import _loop
+
+    calls = []
+    measure = _loop._Tracker.measure
+    monkeypatch.setattr(_loop._Tracker, "measure", lambda self, z, gz: calls.append(1) or measure(self, z, gz))
+    layer = Layer().double()
+    eager, compiled = _pair("tsit5", layer)
+    x = torch.randn(8, 16, dtype=torch.float64)
+    with torch.no_grad():
+        z_eager = eager(x)[1][-1]
+        eager_calls, calls[:] = len(calls), []
+        z_compiled = compiled(x)[1][-1]
+    steps = eager.solution.steps_accepted + eager.solution.steps_rejected
+    assert eager_calls == 1 + steps and len(calls) == 1  # the start's test only
+    torch.testing.assert_close(z_compiled, z_eager, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(compiled.solution.residual, eager.solution.residual, rtol=1e-10, atol=0)
+    assert (compiled.solution.nfe_per_sample == eager.solution.nfe_per_sample).all()
+
+
 def test_per_sample_termination_runs_the_shrunk_batch_eagerly():
     layer = Layer().double()
     solver = td.ODESteadyStateSolver(per_sample=True, compile=True)

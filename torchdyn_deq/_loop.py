@@ -148,6 +148,7 @@ class Proposal:
     t: float
     signals: Tuple[Tensor, ...] = ()
     payload: Tuple = ()
+    tested: Tuple[Tensor, ...] = ()  # the candidate's `stop_test`, where the step fused it (``fuses_stop_test``)
 
 
 class SteadyStateSolver:
@@ -176,6 +177,9 @@ class SteadyStateSolver:
     """
 
     continuous: bool = True
+    # propose takes ``stop`` (`StopInputs`) and returns the candidate's `stop_test` in ``Proposal.tested``
+    # (a compiled step fuses it); otherwise the loop tests the candidate itself
+    fuses_stop_test: bool = False
     stall_time: float = 0.0  # time without progress before a stall, besides the steps (time-steppers)
 
     def __init__(self, stall_patience: int = 30, divergence_factor: float = 1e4, per_sample: bool = False):
@@ -233,10 +237,58 @@ class _Measure:
     credit: Tensor  # the growth credit (`_Tracker.measure`)
     speed: Tensor  # nu, the size of g
     tolerance: Tensor  # sigma, the size of the tolerance
+    new_best: Tensor  # the samples' best residuals with this iterate's
+    best_z: Tensor  # their best iterates with this one
+    newly: Tensor  # the samples this iterate converges for the first time
     host: Tuple[Tensor, ...]  # the tensors of its `Signals`: worst best residual, max |z|, on checks (progress, rise)
 
     def signals(self, values: Sequence[float]) -> Signals:
         return Signals(*values)
+
+
+class StopInputs(NamedTuple):
+    """What the stop test of an iterate reads besides the iterate (`stop_test`): the rule with the
+    solve's options, the growth credit's reference tensors and the samples' best residuals. A
+    compiled step takes it as an argument: its tensors are inputs of the graph, its numbers
+    constants of it (the same for every step of every solve with these options)."""
+
+    rule: "_Rule"
+    options: SolveOptions
+    rounding: float
+    credit_unit: Tensor
+    sigma_ref: Tensor
+    best: Tensor
+    best_z: Tensor
+    reference_open: Tensor
+
+
+def stop_test(gz: Tensor, z: Tensor, inputs: StopInputs, check: bool) -> Tuple[Tensor, ...]:
+    """The stop test of the iterate ``z`` with ``gz = g(z)`` (`_Tracker.measure`): ``(residual,
+    rule residual, credit, speed, tolerance, new best residuals, new best iterates, newly
+    converged, worst, size)``, and with ``check`` the progress and rise ratios (one tensor of 2);
+    the best ones as they are once ``z`` is accepted. Tensor operations only: the loop runs it, or
+    a compiled step fuses it with the step that produced ``z``."""
+    rule_res, nu, sigma = inputs.rule.measure(gz, z, inputs.options)
+    earned = sigma * (nu + inputs.rounding * sigma) / inputs.credit_unit
+    credit = torch.where(sigma > inputs.sigma_ref, earned, 0.0)
+    res = torch.maximum(rule_res, credit)
+    best = inputs.best
+    new_best = torch.minimum(best, res)
+    worst = new_best.amax()  # NaN propagates to the host check
+    # max |z| every iterate: a state beyond the divergence bound is never converged (a residual
+    # f(z) - z that rounds to 0 on a huge z met every rule)
+    size = torch.linalg.vector_norm(_wide(z), math.inf)  # max |z| in one operation
+    best_z = torch.where((res < best).view((-1,) + (1,) * (z.dim() - 1)), z, inputs.best_z)
+    newly = (res <= 1) & (best > 1)
+    tested = (res, rule_res, credit, nu, sigma, new_best, best_z, newly, worst, size)
+    if not check:
+        return tested
+    # progress: the best residuals (improvements between checks count) over those at the start of
+    # the stretch; rise: the residual over the best. Converged samples get a 0 in the denominators,
+    # so x / 0 = inf (0 / 0 = NaN, made inf) leaves them out of the minima
+    open_best = torch.where(best > 1, best, 0.0)
+    ratios = torch.stack([new_best / inputs.reference_open, res / open_best])
+    return tested + (ratios.nan_to_num_(math.inf).amin(1),)
 
 
 class _Tracker:
@@ -299,27 +351,26 @@ class _Tracker:
         (``G = 1``) converges at once; a state moving at non-decreasing speed (``F <= 1 < G``) never
         converges, whatever rule: its residual rises with the credit and the stall and divergence
         tests end it as ``'diverged'`` (`motion`)."""
-        o = self.options
-        rule_res, nu, sigma = self.rule.measure(gz, z, o)
-        earned = sigma * (nu + self.rounding * sigma) / self._sub(self.credit_unit)
-        credit = torch.where(sigma > self._sub(self.sigma_ref), earned, 0.0)
-        res = torch.maximum(rule_res, credit)
-        best = self._sub(self.best_res)
-        new_best = torch.minimum(best, res)
-        worst = new_best.amax()  # NaN propagates to the host check
-        # max |z| every iterate: a state beyond the divergence bound is never converged (a residual
-        # f(z) - z that rounds to 0 on a huge z met every rule)
-        size = torch.linalg.vector_norm(_wide(z), math.inf)  # max |z| in one operation
-        # a check every CHECK_EVERY accepted iterates (and the first): counted on accepted ones, so
-        # rejected proposals never take a check's place
-        if self.checked and self.unchecked < CHECK_EVERY - 1:
-            return _Measure(z, res, rule_res, credit, nu, sigma, (worst, size))
-        # progress: the best residuals (improvements between checks count) over those at the start of
-        # the stretch; rise: the residual over the best. Converged samples get a 0 in the denominators,
-        # so x / 0 = inf (0 / 0 = NaN, made inf) leaves them out of the minima
-        open_best = torch.where(best > 1, best, 0.0)
-        ratios = torch.stack([new_best / self._sub(self.reference_open), res / open_best])
-        return _Measure(z, res, rule_res, credit, nu, sigma, (worst, size, ratios.nan_to_num_(math.inf).amin(1)))
+        return self.measured(z, stop_test(gz, z, self.stop_inputs(), self.check_due), self.check_due)
+
+    @property
+    def check_due(self) -> bool:
+        """Whether the next accepted iterate is a check (the progress and divergence tests): every
+        ``CHECK_EVERY`` accepted iterates and the first, counted on accepted ones, so rejected
+        proposals never take a check's place."""
+        return not (self.checked and self.unchecked < CHECK_EVERY - 1)
+
+    def stop_inputs(self) -> StopInputs:
+        """The inputs of `stop_test` for the samples still stepped."""
+        return StopInputs(self.rule, self.options, self.rounding, self._sub(self.credit_unit),
+                          self._sub(self.sigma_ref), self._sub(self.best_res), self._sub(self.best_z),
+                          self._sub(self.reference_open))
+
+    def measured(self, z: Tensor, tested: Sequence[Tensor], check: bool) -> _Measure:
+        """The `_Measure` of ``z`` from its `stop_test` (computed with ``check`` or with more: a
+        compiled step computes the check's ratios at every step, and they are read only when due)."""
+        host = tuple(tested[8:11]) if check else tuple(tested[8:10])
+        return _Measure(z, *tested[:8], host)
 
     def commit(self, m: _Measure, host: Signals, nfe: int, t: float, accepted: int) -> Optional[Result]:
         """Record an accepted iterate; return the result if the solve ends with it."""
@@ -327,19 +378,14 @@ class _Tracker:
         if not math.isfinite(worst):
             raise NonFiniteError(f"non-finite values appeared at step {accepted}, t={t:.4g}: the vector field "
                                  "produced NaN/inf, or the dynamics diverge. " + Result.non_finite.remedy)
-        best = self._sub(self.best_res)
-        better = m.residual < best
-        newly = (m.residual <= 1) & (best > 1)
         if self.rows is None:
-            self.best_z = torch.where(better.view((-1,) + (1,) * (m.z.dim() - 1)), m.z, self.best_z)
-            self.best_res = torch.minimum(best, m.residual)
-            self.nfe_per_sample.masked_fill_(newly, self.nfe_start + nfe)
+            self.best_z, self.best_res = m.best_z, m.new_best
+            self.nfe_per_sample.masked_fill_(m.newly, self.nfe_start + nfe)
         else:
-            keep = torch.where(better.view((-1,) + (1,) * (m.z.dim() - 1)), m.z, self.best_z.index_select(0, self.rows))
-            self.best_z = self.best_z.index_copy(0, self.rows, keep)
-            self.best_res = self.best_res.index_copy(0, self.rows, torch.minimum(m.residual, best))
+            self.best_z = self.best_z.index_copy(0, self.rows, m.best_z)
+            self.best_res = self.best_res.index_copy(0, self.rows, m.new_best)
             self.nfe_per_sample = self.nfe_per_sample.index_copy(
-                0, self.rows, torch.where(newly, self.nfe_start + nfe, self.nfe_per_sample[self.rows]))
+                0, self.rows, torch.where(m.newly, self.nfe_start + nfe, self.nfe_per_sample[self.rows]))
         self._keep(accepted, t, m.z)
         self.last = m
         self.unchecked += 1
@@ -498,8 +544,14 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
             if result is None:
                 result = Result.budget if options.budget else Result.diverged if track.running_away else Result.max_steps
             break
-        proposal = solver.propose(count, state, options)
-        cand = None if proposal.gz is None else track.measure(proposal.z, proposal.gz)
+        if solver.fuses_stop_test and track.rows is None:
+            proposal = solver.propose(count, state, options, stop=track.stop_inputs())
+        else:
+            proposal = solver.propose(count, state, options)
+        if proposal.tested:
+            cand = track.measured(proposal.z, proposal.tested, track.check_due)
+        else:
+            cand = None if proposal.gz is None else track.measure(proposal.z, proposal.gz)
         # the step's one synchronisation: the pending iterate's signals, the candidate's, the solver's
         pending_host, cand_host, signals = _host_read(pending.host if pending else (), cand.host if cand else (),
                                                       proposal.signals)

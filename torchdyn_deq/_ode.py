@@ -18,7 +18,7 @@ from torchdyn.numerics.solvers.ode import SOLVER_DICT, str_to_solver
 
 from ._checks import boolean, float_in, positive_float
 from ._compile import CompiledStep
-from ._loop import Proposal, State, SteadyStateSolver, _wide
+from ._loop import Proposal, State, SteadyStateSolver, StopInputs, _wide, stop_test
 from ._solution import SolveOptions
 from ._step_control import (Stability, StabilityRegion, StepController, error_ratio, first_step, linear_coefficients,
                             spectral_moments, start_ratio)
@@ -110,20 +110,23 @@ def _time_dtype(z: Tensor) -> torch.dtype:
     return torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
 
 
-def _rk_body(g, tableau: Tableau, z: Tensor, k1: Tensor, td, satol: float, srtol: float, estimate: bool):
-    """An RK step with what the host reads of it: ``(z_new, g(z_new), error ratio[, moments])``
-    (the spectral moments of `spectral_moments` when ``estimate``). ``td = (t, dt)``: floats, or
-    a 2-element tensor in a compiled step."""
+def _rk_body(g, tableau: Tableau, z: Tensor, k1: Tensor, td, satol: float, srtol: float, estimate: bool,
+             stop: Optional[StopInputs] = None):
+    """An RK step with what the host reads of it: ``(z_new, g(z_new), error ratio, decay[, moments])``
+    (the spectral moments of `spectral_moments` when ``estimate``), then with ``stop`` the new
+    state's `stop_test` (with the check's ratios: in a compiled step they cost nothing, and the
+    loop reads them when due). ``td = (t, dt)``: floats, or a 2-element tensor in a compiled step."""
     z_new, gz_new, err, stages, ks = rk_step(g, tableau, z, k1, td[0], td[1])
     ratio = error_ratio(_wide(err), _wide(z), _wide(z_new), satol, srtol)
     # the speed's fall over the step, ||g(z_new)|| / ||g(z)||: the next step's error scales with it
     decay = torch.linalg.vector_norm(_wide(gz_new)) / torch.linalg.vector_norm(_wide(k1)).clamp_min(
         torch.finfo(ratio.dtype).tiny)
-    if not estimate:
-        return z_new, gz_new, ratio, decay
-    pairs = [(_secant(stages[-1], stages[-2]), _secant(ks[-1], ks[-2])),
-             (_secant(stages[1], stages[0]), _secant(ks[1], ks[0]))]
-    return z_new, gz_new, ratio, decay, spectral_moments(pairs)
+    out = (z_new, gz_new, ratio, decay)
+    if estimate:
+        pairs = [(_secant(stages[-1], stages[-2]), _secant(ks[-1], ks[-2])),
+                 (_secant(stages[1], stages[0]), _secant(ks[1], ks[0]))]
+        out = out + (spectral_moments(pairs),)
+    return out if stop is None else out + stop_test(gz_new, z_new, stop, True)
 
 
 def _probe(g, z0: Tensor, gz0: Tensor, satol: float, srtol: float) -> Tensor:
@@ -222,8 +225,9 @@ class ODESteadyStateSolver(_TimeStepper):
             than a period of a rotation at ``|lambda| = 1``, the time scale of a DEQ's
             ``g = f - z``, within which a spiral's scaled residual need not reach a new low.
         compile: run each adaptive step (its stages with their evaluations of ``g``, the
-            combinations, the error ratio and the eigenvalue moments) as one ``torch.compile``d
-            body (see ``_compile``). Default ``False``: compiling costs about 10 s per state
+            combinations, the error ratio, the eigenvalue moments, and the new state's stop test
+            with the best iterate: the loop's `stop_test`) as one ``torch.compile``d body (see
+            ``_compile``). Default ``False``: compiling costs about 10 s per state
             shape, dtype and step variant on a CPU, more than a short training run saves (at
             the paper's size a step saves a fraction of a millisecond; see
             ``docs/benchmarks.md``); worth it for long runs at a fixed shape. Falls back to
@@ -259,6 +263,11 @@ class ODESteadyStateSolver(_TimeStepper):
     def adaptive(self) -> bool:
         return self._tableau is not None
 
+    @property
+    def fuses_stop_test(self) -> bool:
+        """The compiled step fuses the new state's stop test (`stop_test`) with the step."""
+        return self.compile and self.adaptive
+
     def _fixed_stepper(self, z: Tensor) -> nn.Module:
         """The fixed-step torchdyn stepper for ``z``'s dtype and device: built from the name once per
         dtype, or the user's instance, with its tableau moved there (torchdyn's ``sync_device_dtype``)."""
@@ -286,7 +295,7 @@ class ODESteadyStateSolver(_TimeStepper):
                                       self._tableau.error)
         return state.control._replace(dt=min(dt, stability.limit), stability=stability)
 
-    def propose(self, g, state, options):
+    def propose(self, g, state, options, stop: Optional[StopInputs] = None):
         if not self.adaptive:
             dt = state.control
             t = torch.full((), state.t, dtype=state.z.dtype, device=state.z.device)
@@ -299,13 +308,16 @@ class ODESteadyStateSolver(_TimeStepper):
             control = self._first_control(g, state, satol, srtol)
         estimate = self._control.wants_estimate(control.dt, control.stability)
         step = self._compiled("step", _rk_body)
+        tested = ()
         if step is not None and state.z.shape[0] == control.batch:
             td = self._numbers(state.z, state.t, control.dt)
-            out = step(estimate, g, self._tableau, state.z, state.gz, td, satol, srtol, estimate,
+            out = step(estimate, g, self._tableau, state.z, state.gz, td, satol, srtol, estimate, stop,
                        evaluations=(g, self._tableau.evaluations))
-        else:
+            out, tested = out[:4 + estimate], out[4 + estimate:]
+        else:  # eager: the loop tests the new state
             out = _rk_body(g, self._tableau, state.z, state.gz, (state.t, control.dt), satol, srtol, estimate)
-        return Proposal(out[0], out[1], state.t + control.dt, signals=out[2:], payload=(control,) if first else ())
+        return Proposal(out[0], out[1], state.t + control.dt, signals=out[2:], payload=(control,) if first else (),
+                        tested=tested)
 
     def decide(self, g, state, proposal, signals, options):
         if not self.adaptive:
