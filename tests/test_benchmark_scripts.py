@@ -93,3 +93,14 @@ def test_op_count_attributes_every_operation(tmp_path):
         forward = r["forward_ops"]
         assert forward["network"] > 0 and r["forward_ops_outside"] == sum(forward.values()) - forward["network"]
         assert 0 < r["backward_ops_outside"] < sum(r["backward_ops"].values())
+
+
+def test_compare_runs_reads_each_method_against_the_baseline(tmp_path, capsys):
+    from benchmarks import compare_runs
+
+    rows = [{"method": compare_runs.BASELINE, "step_s": 0.03, "backward_s": 0.02, "predict_s": 0.005},
+            {"method": compare_runs.METHODS["vanilla"], "step_s": 0.01, "backward_s": 0.004, "predict_s": 0.01}]
+    (tmp_path / "run.json").write_text(json.dumps({"rows": rows}))
+    compare_runs.main([str(tmp_path / "run.json")])
+    out = capsys.readouterr().out
+    assert "vanilla: step 3.00x (10.00) bwd 5.00x (4.00) pred 2.00 (10.00)" in out and "skip_reg" not in out

@@ -1,5 +1,6 @@
 """The compiled step path: the same results as eager, one compile per shape and dtype, and an
-eager fallback with one warning. Slow: each new graph compiles for several seconds."""
+eager fallback with one warning (its gradients: test_gradients.py, in both modes). Slow: each new
+graph compiles for several seconds."""
 import warnings
 
 import pytest
@@ -7,7 +8,6 @@ import torch
 import torch.nn as nn
 
 import torchdyn_deq as td
-from conftest import TanhLayer
 from torchdyn_deq import _compile
 from torchdyn_deq._compile import CompileFallbackWarning, CompiledStep, compiles
 
@@ -114,6 +114,7 @@ def test_an_error_of_the_field_is_raised_not_swallowed():
 def test_compile_option_errors():
     with pytest.raises(ValueError, match="no compiled step"):
         td.DEQ(Layer(), solver="anderson", compile=True)
+    td.DEQ(Layer(), solver="anderson", compile=False)(torch.randn(2, 16))  # eager is what it has: no error
     with pytest.raises(ValueError, match="compile=True needs an adaptive stepper"):
         td.ODESteadyStateSolver("euler", compile=True)
     with pytest.raises(TypeError, match="compile"):
@@ -155,37 +156,3 @@ def test_per_sample_termination_runs_the_shrunk_batch_eagerly():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x)[1][-1], eager(x)[1][-1], rtol=1e-10, atol=1e-12)
     assert compiled.solution.nfe == eager.solution.nfe and compiled.solution.converged
-
-
-# the gradient tests in the compiled mode: a representative subset of test_gradients.py
-TIGHT = dict(atol=1e-12, rtol=1e-12, max_steps=1000)
-
-
-def test_gradcheck_compiled(layer, solver="tsit5"):  # VCAB3's compiled forward: test_compiled_equals_eager
-    from test_gradients import functional
-
-    model = td.DEQ(layer, solver=solver, state_shape=(3,), compile=True,
-                   sensitivity=td.SteadyStateSensitivity(td.GMRES(rtol=1e-12, atol=1e-14)), **TIGHT)
-    x = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
-    names = [n for n, _ in model.named_parameters()]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", CompileFallbackWarning)
-        assert torch.autograd.gradcheck(functional(model, names), (x, *model.parameters()), eps=1e-6, atol=1e-6,
-                                        rtol=1e-5)
-    assert model.solution.converged
-
-
-def test_implicit_matches_backprop_through_the_compiled_solver():
-    layer = TanhLayer(d=6, m=4)
-    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(5, 6, dtype=torch.float64)
-    grads = {}
-    for sens in ("steady_state", "autograd"):
-        model = td.DEQ(layer, solver="tsit5", state_shape=(6,), sensitivity=sens, atol=1e-10, rtol=1e-10,
-                       rtol_adjoint=1e-12, max_steps=1000, compile=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", CompileFallbackWarning)
-            z = model(x)[1][-1]
-            grads[sens] = torch.autograd.grad((v * z).sum(), (x, *layer.parameters()))
-    for a, b in zip(grads["steady_state"], grads["autograd"]):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)

@@ -1,10 +1,15 @@
-"""Implicit gradients: finite differences, closed form, and backprop through the solver."""
+"""Implicit gradients: finite differences, closed form, and backprop through the solver, with the
+time-steppers' compiled step too."""
+import contextlib
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 from conftest import TanhLayer
 
 import torchdyn_deq as td
+from torchdyn_deq._compile import CompileFallbackWarning
 
 TIGHT = dict(atol=1e-12, rtol=1e-12, max_steps=1000)
 LINEAR_SOLVERS = [td.GMRES(rtol=1e-12, atol=1e-14), td.FixedPointSolver(rtol=1e-12, atol=1e-14, max_iters=2000),
@@ -17,13 +22,30 @@ def functional(model, names):
     return fn
 
 
-@pytest.mark.parametrize("solver", ["tsit5", "dopri5", "anderson", "broyden"])
+# the time-steppers in both modes: eager, and compiled (`compile=True`: the step body through torch.compile,
+# slow for its compile time); a compiled step that fell back to eager would be an error here
+SOLVERS = ["tsit5", "dopri5", "anderson", "broyden"]
+MODES = [(s, False) for s in SOLVERS] + [pytest.param(s, True, marks=pytest.mark.slow, id=f"{s}-compiled")
+                                         for s in ("tsit5", "dopri5")]
+
+
+@contextlib.contextmanager
+def compiled_strictly():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        yield
+
+
+@pytest.mark.parametrize("solver, compile", MODES)
 @pytest.mark.parametrize("linear_solver", LINEAR_SOLVERS, ids=lambda s: type(s).__name__)
-def test_gradcheck_parameters_and_input(layer, solver, linear_solver):
-    model = td.DEQ(layer, solver=solver, state_shape=(3,), sensitivity=td.SteadyStateSensitivity(linear_solver), **TIGHT)
+def test_gradcheck_parameters_and_input(layer, solver, compile, linear_solver):
+    model = td.DEQ(layer, solver=solver, state_shape=(3,), sensitivity=td.SteadyStateSensitivity(linear_solver),
+                   compile=compile, **TIGHT)
     x = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
     names = [n for n, _ in model.named_parameters()]
-    assert torch.autograd.gradcheck(functional(model, names), (x, *model.parameters()), eps=1e-6, atol=1e-6, rtol=1e-5)
+    with compiled_strictly():
+        assert torch.autograd.gradcheck(functional(model, names), (x, *model.parameters()), eps=1e-6, atol=1e-6,
+                                        rtol=1e-5)
     assert model.solution.converged
 
 
@@ -72,17 +94,19 @@ def test_linear_contraction_closed_form():
         torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-9)
 
 
-@pytest.mark.parametrize("solver", ["tsit5", "anderson"])
-def test_implicit_matches_backprop_through_solver(solver):
+@pytest.mark.parametrize("solver, compile", [("tsit5", False), ("anderson", False),
+                                             pytest.param("tsit5", True, marks=pytest.mark.slow, id="tsit5-compiled")])
+def test_implicit_matches_backprop_through_solver(solver, compile):
     layer = TanhLayer(d=6, m=4)
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     v = torch.randn(5, 6, dtype=torch.float64)
     grads = {}
     for sens in ("steady_state", "autograd"):
         model = td.DEQ(layer, solver=solver, state_shape=(6,), sensitivity=sens, atol=1e-10, rtol=1e-10,
-                       rtol_adjoint=1e-12, max_steps=1000)
-        z = model(x)[1][-1]
-        grads[sens] = torch.autograd.grad((v * z).sum(), (x, *layer.parameters()))
+                       rtol_adjoint=1e-12, max_steps=1000, compile=compile)
+        with compiled_strictly():
+            z = model(x)[1][-1]
+            grads[sens] = torch.autograd.grad((v * z).sum(), (x, *layer.parameters()))
     for a, b in zip(grads["steady_state"], grads["autograd"]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 

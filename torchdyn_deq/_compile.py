@@ -117,7 +117,7 @@ class CompiledStep:
 def with_compile(solver, compile: Optional[bool]):
     """``solver`` with its ``compile`` option set to ``compile`` (a copy when that changes it;
     ``None`` keeps the solver's own). The models' ``compile=`` keyword."""
-    if compile is None or getattr(solver, "compile", None) is compile:
+    if compile is None or getattr(solver, "compile", False) is compile:  # False: a solver without a compiled step
         return solver
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True, False or None, got {compile!r}")
