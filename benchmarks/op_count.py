@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import torchdyn_deq as td
 from benchmarks.harness import RESULTS, command_line, header, machine, markdown_table, median, size, uncounted, \
     write_results
-from benchmarks.overhead import TOL, network_costs
+from benchmarks.overhead import TOL, network_costs, per_round_median
 from torchdyn_deq.experiments.mnist import InjectedLayer
 
 SOLVERS = ("tsit5", "vcab3", "anderson", "broyden")
@@ -97,17 +97,18 @@ def measure(batch: int, width: int, repeats: int, seed: int = 0) -> List[dict]:
     torch.manual_seed(seed)
     f = uncounted(InjectedLayer(width))
     x, v = torch.randn(batch, width), torch.randn(batch, width)
-    cost = network_costs(f, x, 20 * repeats)
     network_file = type(f).forward.__code__.co_filename
     vjp_ops = _vjp_ops(f, x, network_file)
-    add = _timed_add(x, 200 * repeats)
     models = {name: td.DEQ(f, solver=name, atol=TOL, rtol=TOL, state_shape=(width,)) for name in SOLVERS}
     fwd: Dict[str, List[float]] = {name: [] for name in SOLVERS}
     bwd: Dict[str, List[float]] = {name: [] for name in SOLVERS}
     for _ in range(3):
         for model in models.values():
             model(x)[1][-1].backward(v)
-    for _ in range(repeats):  # interleaved: a change of machine load affects every solver alike
+    rounds, adds = [], []
+    for _ in range(repeats):  # interleaved, the network's costs too: a change of machine speed affects all alike
+        rounds.append(network_costs(f, x, 20))
+        adds.append(_timed_add(x, 200))
         for name, model in models.items():
             with torch.no_grad():
                 start = time.perf_counter()
@@ -117,6 +118,7 @@ def measure(batch: int, width: int, repeats: int, seed: int = 0) -> List[dict]:
             start = time.perf_counter()
             out.backward(v)
             bwd[name].append(time.perf_counter() - start)
+    cost, add = per_round_median(rounds), median(adds)
     rows = []
     for name, model in models.items():
         with torch.no_grad():

@@ -9,8 +9,9 @@ For the paper's MNIST layer ``f(z, x) = tanh(l2(tanh(l1(z))) + x)`` at random in
 The time-steppers run eagerly and compiled (``compile=True``), side by side; the compile time
 is the first solve's extra time over an eager first solve (every graph of the step compiled).
 
-1.0 is the physical limit (nothing but the network). Every method's repeats are interleaved, so
-a change of machine load affects all alike; medians are reported::
+1.0 is the physical limit (nothing but the network). Every method's repeats are interleaved, and
+the network's own costs are timed in every round with them, so a change of machine load or speed
+affects all alike; medians are reported::
 
     python -m benchmarks.overhead --threads 1
     python -m benchmarks.overhead --threads 1 --sizes 32x128 --repeats 5   # quick
@@ -65,13 +66,17 @@ def network_costs(f: InjectedLayer, x: torch.Tensor, repeats: int,
     return {"g_eval": g_eval, "vjp_z": vjp_z, "vjp_full": _timed(full, repeats, clock)}
 
 
+def per_round_median(rounds: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """The median over rounds of each of `network_costs`' times."""
+    return {key: median(r[key] for r in rounds) for key in rounds[0]}
+
+
 def measure(size: Tuple[int, int], repeats: int, seed: int = 0, compiled: bool = True) -> List[dict]:
     """One row per solver and mode at ``(batch, width)``."""
     batch, width = size
     torch.manual_seed(seed)
     f = uncounted(InjectedLayer(width))
     x = torch.randn(batch, width)
-    cost = network_costs(f, x, 20 * repeats)
     models = {(s, "eager"): td.DEQ(f, solver=s, atol=TOL, rtol=TOL, state_shape=(width,)) for s in SOLVERS}
     if compiled:
         models.update({(s, "compiled"): td.DEQ(f, solver=s, atol=TOL, rtol=TOL, state_shape=(width,), compile=True)
@@ -93,7 +98,9 @@ def measure(size: Tuple[int, int], repeats: int, seed: int = 0, compiled: bool =
                 model(x)[1][-1].backward(v)
                 with torch.no_grad():
                     model(x)
+        rounds = []  # the network's costs, timed in every round with the solves (the machine's speed drifts)
         for _ in range(repeats):
+            rounds.append(network_costs(f, x, 20))
             for key in keys:
                 model = models[key]
                 with torch.no_grad():
@@ -107,6 +114,7 @@ def measure(size: Tuple[int, int], repeats: int, seed: int = 0, compiled: bool =
                 out.backward(v)
                 bwd[key].append(time.perf_counter() - start)
                 info[key] = (nfe, model.solution.backward_iters)
+    cost = per_round_median(rounds)
     rows = []
     for key in keys:
         name, mode = key
@@ -157,7 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             "- The paper's MNIST layer at random init, tolerance 5e-3, medians over the repeats.\n"
             "- fwd: a no-grad solve; bwd: `backward()` of the steady state (the implicit GMRES solve and the\n"
             "  parameter / input VJP). 1.0 in the overhead columns is the network alone (eager: g, VJP_z and\n"
-            "  full VJP are eager calls, so a compiled step, which also fuses the network, can go below 1).\n"
+            "  full VJP are eager calls, so a compiled step, which also fuses the network, can go below 1),\n"
+            "  timed in every round of the repeats with the solves.\n"
             "- compiled: `compile=True` (the step body through torch.compile); compile (s): its first solve and\n"
             "  backward minus the eager one's (every graph compiled then; the backward is the same implicit solve).\n")
     print(text)

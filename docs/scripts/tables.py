@@ -40,10 +40,12 @@ def load(name: str) -> dict:
 
 
 def command(recorded: str) -> str:
-    """A results file's command in its current form: results written before ``benchmarks/``
-    became a package record ``python benchmarks/NAME.py ...``, now ``python -m benchmarks.NAME ...``
-    (same arguments)."""
-    return re.sub(r"^python benchmarks/(\w+)\.py", r"python -m benchmarks.\1", recorded)
+    """A results file's command in its current form, as a reader reruns it: results written before
+    ``benchmarks/`` became a package record ``python benchmarks/NAME.py ...``, now ``python -m
+    benchmarks.NAME ...`` (same arguments); where a run wrote its files (``--out``, ``--out-dir``)
+    changes nothing in them and is left out."""
+    current = re.sub(r"^python benchmarks/(\w+)\.py", r"python -m benchmarks.\1", recorded)
+    return re.sub(r" --out(-dir)? \S+", "", current)
 
 
 def mnist_rows() -> Dict[str, dict]:
@@ -330,6 +332,23 @@ def mnist_table1_authors() -> str:
             f"[`results.json`]({link}/results.json); the attribution runs: [`attribution/`]({link}/attribution).\n")
 
 
+def op_count() -> str:
+    """The operations outside the network per solve and per backward, and their cost."""
+    data = load("op_count")
+    rows = data["rows"]
+    table = markdown_table(
+        ("size", "solver", "pass", "ms", "network ops", "ops outside", "us per op outside"),
+        [(r["size"], r["solver"], kind, f"{r[f'{kind}_ms']:.2f}", r[f"{kind}_ops"].get("network", 0),
+          r[f"{kind}_ops_outside"], f"{r[f'{kind}_us_per_op_outside']:.1f}")
+         for r in rows for kind in ("forward", "backward")], align="lllrrrr")
+    add = rows[0]["add_us"]
+    return (f"{table}\n\n`{command(data['command'])}`: the paper's MNIST layer at random init, eager. One small "
+            f"operation alone (`x + x` on the state) took {add:.1f} us in the same run; the rest of the cost per "
+            "operation outside the network is the operations' own work (reductions, products) and the host's "
+            "Python around them. By function: "
+            f"[`benchmarks/results/op_count.md`]({REPO_URL}/benchmarks/results/op_count.md).\n")
+
+
 def spectrum_bound() -> str:
     """The trained models' forward solves against the spectrum at z* (why the NFE is what it is)."""
     data = load("spectrum_bound")
@@ -355,7 +374,7 @@ GENERATORS: Dict[str, Callable[[], str]] = {
     f.__name__: f for f in (mnist_step_summary, mnist_step_times, mnist_step_work, mnist_step_findings,
                             discrete_mnist, skip_mnist, inference_mode, cifar_small_cpu, mnist_table1,
                             backward_tolerance, overhead, mnist_table1_paper, mnist_table1_authors,
-                            porting_torchdyn, porting_torchdyn_findings, spectrum_bound)}
+                            porting_torchdyn, porting_torchdyn_findings, spectrum_bound, op_count)}
 
 
 def pages() -> List[Path]:
