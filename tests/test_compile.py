@@ -147,6 +147,21 @@ def test_the_compiled_step_fuses_the_stop_test(monkeypatch):
     assert (compiled.solution.nfe_per_sample == eager.solution.nfe_per_sample).all()
 
 
+def test_stop_tolerances_below_the_step_floor_do_not_recompile_the_body():
+    """The fused stop test's tolerances are graph constants: solves whose atol differs only below
+    min_step_tol (the same step tolerances) each get their own variant, not a recompile counted
+    against one (the third would fall back to eager)."""
+    layer, solver = Layer().double(), td.ODESteadyStateSolver(compile=True)  # one solver: its compile counts
+    x = torch.randn(8, 16, dtype=torch.float64)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        for atol in (1e-7, 1e-8, 1e-9):
+            model = td.DEQ(layer, solver=solver, atol=atol, rtol=1e-4, state_shape=(16,))
+            model(x)
+            assert model.solution.converged and model.solver is solver
+    assert not any(step.failed for step in solver._steps.values())
+
+
 def test_per_sample_termination_runs_the_shrunk_batch_eagerly():
     layer = Layer().double()
     solver = td.ODESteadyStateSolver(per_sample=True, compile=True)

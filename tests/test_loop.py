@@ -140,3 +140,32 @@ def test_a_stalled_rotation_names_the_missing_attracting_equilibrium():
             model(torch.randn(3, 2))
     assert model.solution.result is td.Result.stalled
     assert "circles or drifts" in str(caught[0].message) and "f(z, x) - z" in str(caught[0].message)
+
+
+class ScriptedIterates(SteadyStateSolver):
+    """Proposes the given iterates in turn, each with g evaluated (``gz``) or not (``None``: the loop
+    measures it once accepted, and commits it in the next step's synchronisation)."""
+
+    def __init__(self, iterates, evaluated):
+        super().__init__()
+        self.iterates, self.evaluated, self.k = iterates, evaluated, 0
+
+    def propose(self, g, state, options):
+        k = min(self.k, len(self.iterates) - 1)
+        self.k += 1
+        z = self.iterates[k]
+        return Proposal(z, g(0.0, z) if self.evaluated[k] else None, float(self.k))
+
+
+def test_a_candidate_measured_before_the_pending_commit_keeps_its_best():
+    """An iterate committed between a candidate's measure and its commit (a proposal without g, then
+    one with it) counts: sample 0 converges at the first iterate and stays converged with it as its
+    best, though the next two are worse; sample 1 converges at the third."""
+    iterates = [torch.tensor([[0.01], [0.9]]), torch.tensor([[0.5], [0.8]]), torch.tensor([[0.4], [0.0]])]
+    solver = ScriptedIterates(iterates, evaluated=[False, True, True])
+    sol = steady_state_solve(lambda t, z: -z, torch.ones(2, 1), solver, SolveOptions(atol=0.1, rtol=0.1, max_steps=6))
+    assert sol.converged and sol.steps_accepted == 3
+    assert torch.equal(sol.z_star, torch.tensor([[0.01], [0.0]]))
+    expected = scaled_residual(-sol.z_star, sol.z_star, 0.1, 0.1)
+    torch.testing.assert_close(sol.residual, expected)
+    assert sol.nfe_per_sample[0] < sol.nfe_per_sample[1] == sol.nfe  # sample 0 converged first

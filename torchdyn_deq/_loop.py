@@ -241,6 +241,7 @@ class _Measure:
     best_z: Tensor  # their best iterates with this one
     newly: Tensor  # the samples this iterate converges for the first time
     host: Tuple[Tensor, ...]  # the tensors of its `Signals`: worst best residual, max |z|, on checks (progress, rise)
+    commits: int = 0  # the iterates committed before this one was measured: its best ones are against theirs
 
     def signals(self, values: Sequence[float]) -> Signals:
         return Signals(*values)
@@ -262,6 +263,13 @@ class StopInputs(NamedTuple):
     reference_open: Tensor
 
 
+def _advance(res: Tensor, best: Tensor, z: Tensor, best_z: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The samples' best residuals and iterates with ``z`` (residuals ``res``) accepted against the
+    best so far (``best``, ``best_z``), and the samples it converges for the first time."""
+    better = (res < best).view((-1,) + (1,) * (z.dim() - 1))
+    return torch.minimum(best, res), torch.where(better, z, best_z), (res <= 1) & (best > 1)
+
+
 def stop_test(gz: Tensor, z: Tensor, inputs: StopInputs, check: bool) -> Tuple[Tensor, ...]:
     """The stop test of the iterate ``z`` with ``gz = g(z)`` (`_Tracker.measure`): ``(residual,
     rule residual, credit, speed, tolerance, new best residuals, new best iterates, newly
@@ -273,13 +281,11 @@ def stop_test(gz: Tensor, z: Tensor, inputs: StopInputs, check: bool) -> Tuple[T
     credit = torch.where(sigma > inputs.sigma_ref, earned, 0.0)
     res = torch.maximum(rule_res, credit)
     best = inputs.best
-    new_best = torch.minimum(best, res)
+    new_best, best_z, newly = _advance(res, best, z, inputs.best_z)
     worst = new_best.amax()  # NaN propagates to the host check
     # max |z| every iterate: a state beyond the divergence bound is never converged (a residual
     # f(z) - z that rounds to 0 on a huge z met every rule)
     size = _wide(z).abs().amax()
-    best_z = torch.where((res < best).view((-1,) + (1,) * (z.dim() - 1)), z, inputs.best_z)
-    newly = (res <= 1) & (best > 1)
     tested = (res, rule_res, credit, nu, sigma, new_best, best_z, newly, worst, size)
     if not check:
         return tested
@@ -310,6 +316,7 @@ class _Tracker:
         # the residual's rounding floor per unit of tolerance: g = f(z) - z is known to eps |z| ~ eps sigma / rtol
         self.rounding = torch.finfo(z0.dtype).eps / options.rtol if options.rtol > 0 else 0.0
         self.last: Optional[_Measure] = None  # the last committed iterate's measure
+        self.commits = 0  # iterates committed
         self.best_z = z0
         self.best_res = torch.full((groups,), math.inf, device=z0.device)
         self.nu0 = nu0
@@ -370,7 +377,7 @@ class _Tracker:
         """The `_Measure` of ``z`` from its `stop_test` (computed with ``check`` or with more: a
         compiled step computes the check's ratios at every step, and they are read only when due)."""
         host = tuple(tested[8:11]) if check else tuple(tested[8:10])
-        return _Measure(z, *tested[:8], host)
+        return _Measure(z, *tested[:8], host, self.commits)
 
     def commit(self, m: _Measure, host: Signals, nfe: int, t: float, accepted: int) -> Optional[Result]:
         """Record an accepted iterate; return the result if the solve ends with it."""
@@ -378,6 +385,9 @@ class _Tracker:
         if not math.isfinite(worst):
             raise NonFiniteError(f"non-finite values appeared at step {accepted}, t={t:.4g}: the vector field "
                                  "produced NaN/inf, or the dynamics diverge. " + Result.non_finite.remedy)
+        if m.commits != self.commits:  # an iterate was committed since m was measured: its best ones are stale
+            m.new_best, m.best_z, m.newly = _advance(m.residual, self._sub(self.best_res), m.z, self._sub(self.best_z))
+        self.commits += 1
         if self.rows is None:
             self.best_z, self.best_res = m.best_z, m.new_best
             self.nfe_per_sample.masked_fill_(m.newly, self.nfe_start + nfe)

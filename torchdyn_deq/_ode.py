@@ -311,7 +311,10 @@ class ODESteadyStateSolver(_TimeStepper):
         tested = ()
         if step is not None and state.z.shape[0] == control.batch:
             td = self._numbers(state.z, state.t, control.dt)
-            out = step(estimate, g, self._tableau, state.z, state.gz, td, satol, srtol, estimate, stop,
+            # the stop test's tolerances are constants of the graph: part of the variant (the step
+            # tolerances, floored at min_step_tol, need not tell two of them apart)
+            variant = estimate if stop is None else (estimate, stop.options.atol, stop.options.rtol)
+            out = step(variant, g, self._tableau, state.z, state.gz, td, satol, srtol, estimate, stop,
                        evaluations=(g, self._tableau.evaluations))
             out, tested = out[:4 + estimate], out[4 + estimate:]
         else:  # eager: the loop tests the new state
