@@ -10,7 +10,8 @@ cover the network's parameters). The rows:
 - ``tsit5 step``: six evaluations of ``g``, the stage combinations and the error ratio
   (`_rk_body`), without and with the eigenvalue estimate;
 - ``vcab3 step``: the Adams combination and error ratio (`_ab_body`), without and with the estimate;
-- ``vcab3 accept``: the evaluation at an accepted point and its secant;
+- ``vcab3 accept``: the evaluation at an accepted point, its secant and the point's stop test
+  (`_ab_accept`; eager: the same, with the loop's test as it runs it between checks);
 - ``GMRES Arnoldi step``: one Arnoldi iteration of the backward's GMRES (two Gram-Schmidt passes,
   the norm, the Hessenberg column, the residual estimate) in a fixed-shape form that compiles
   once per restart length (slices of a growing basis would compile once per iteration), against
@@ -37,6 +38,8 @@ from benchmarks.harness import write_results
 from torchdyn_deq import _ode
 from torchdyn_deq._compile import CompiledStep
 from torchdyn_deq._linear_solvers import GMRES
+from torchdyn_deq._loop import RULES, StopInputs, stop_test
+from torchdyn_deq._solution import SolveOptions
 from torchdyn_deq.experiments.mnist import InjectedLayer
 
 
@@ -97,9 +100,9 @@ def bodies(batch: int, width: int) -> Dict[str, Callable[[bool], Callable[[], ob
     deficit, w, j = torch.full((batch, 1, 1), 1e30), torch.randn(batch, 1, width), torch.tensor(3)
     y = torch.randn(batch, width)
 
-    def make(fn, eager_args, compiled_args, variant=None):
-        step = CompiledStep(fn, fn.__name__)
-        return lambda compiled: (lambda: step(variant, *compiled_args)) if compiled else (lambda: fn(*eager_args))
+    def make(fn, eager_args, compiled_args, variant=None, eager=None):
+        step, eager = CompiledStep(fn, fn.__name__), eager or fn
+        return lambda compiled: (lambda: step(variant, *compiled_args)) if compiled else (lambda: eager(*eager_args))
 
     numbers = torch.tensor([0.1, 0.05], dtype=torch.float64)
     ab = torch.tensor(weights, dtype=torch.float64)
@@ -114,12 +117,17 @@ def bodies(batch: int, width: int) -> Dict[str, Callable[[bool], Callable[[], ob
             _ode._ab_body, (z, evals, weights, 5e-3, 5e-3, secants, estimate),
             (z, evals, ab, 5e-3, 5e-3, secants, estimate), estimate)
 
-    def accept(g, t, z_new, z, g_old):
-        gz = g(t[0] if isinstance(t, Tensor) else t, z_new)
-        return gz, z_new - z, gz - g_old
+    def accept(g, t, z_new, z, g_old, stop):  # the eager path: the evaluation, the secant, the loop's test
+        gz = g(t, z_new)
+        return (gz, z_new - z, gz - g_old) + stop_test(gz, z_new, stop, False)
 
-    rows["vcab3 accept (one evaluation)"] = make(accept, (g, 0.3, z, evals[0], evals[1]),
-                                                 (g, torch.tensor([0.3], dtype=torch.float64), z, evals[0], evals[1]))
+    ones = torch.ones(batch)
+    options = SolveOptions(atol=5e-3, rtol=5e-3, max_steps=100)
+    stop = StopInputs(RULES["per_sample"], options, torch.finfo(z.dtype).eps / 5e-3, ones, ones, 10 * ones, z,
+                      10 * ones)
+    rows["vcab3 accept (one evaluation, stop test)"] = make(
+        _ode._ab_accept, (g, 0.3, z, evals[0], evals[1], stop),
+        (g, torch.tensor([0.3]), z, evals[0], evals[1], stop), eager=accept)
     arnoldi = (w, basis, hessenberg, null, deficit, j)
     rows["GMRES Arnoldi step (fixed shape)"] = make(arnoldi_step, arnoldi, arnoldi)
     return rows

@@ -133,6 +133,7 @@ class State:
     t: float
     memory: Tuple = ()
     control: Tuple = ()
+    tested: Tuple[Tensor, ...] = ()  # the iterate's `stop_test`, where an accepting ``decide`` fused it
 
 
 @dataclass
@@ -177,8 +178,9 @@ class SteadyStateSolver:
     """
 
     continuous: bool = True
-    # propose takes ``stop`` (`StopInputs`) and returns the candidate's `stop_test` in ``Proposal.tested``
-    # (a compiled step fuses it); otherwise the loop tests the candidate itself
+    # propose and decide take ``stop`` (`StopInputs`); a compiled step returns the candidate's `stop_test`
+    # in ``Proposal.tested``, a compiled accept the accepted iterate's in ``State.tested`` (a proposal
+    # without ``g``); otherwise the loop tests them itself
     fuses_stop_test: bool = False
     stall_time: float = 0.0  # time without progress before a stall, besides the steps (time-steppers)
 
@@ -572,7 +574,10 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
                 break
             if per_sample:
                 state, proposal = _drop_converged(state, proposal, track, count, measured.residual)
-        new, ok = solver.decide(count, state, proposal, signals, options)
+        if solver.fuses_stop_test and track.rows is None:  # the inputs as they are now, after the pending commit
+            new, ok = solver.decide(count, state, proposal, signals, options, stop=track.stop_inputs())
+        else:
+            new, ok = solver.decide(count, state, proposal, signals, options)
         if not ok:
             state, rejected = new, rejected + 1
             bad = bad + 1 if (cand and not math.isfinite(cand_host[0])) or not all(map(math.isfinite, signals)) else 0
@@ -583,6 +588,8 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
         accepted, bad, state = accepted + 1, 0, new
         if cand is not None:
             result = track.commit(cand, cand.signals(cand_host), count.nfe - start, state.t, accepted)
+        elif state.tested:
+            pending = track.measured(state.z, state.tested, track.check_due)
         else:
             pending = track.measure(state.z, state.gz)
         if result is None and per_sample and cand is not None:

@@ -322,7 +322,7 @@ class ODESteadyStateSolver(_TimeStepper):
         return Proposal(out[0], out[1], state.t + control.dt, signals=out[2:], payload=(control,) if first else (),
                         tested=tested)
 
-    def decide(self, g, state, proposal, signals, options):
+    def decide(self, g, state, proposal, signals, options, stop: Optional[StopInputs] = None):
         if not self.adaptive:
             return State(proposal.z, proposal.gz, proposal.t, control=state.control), True
         control, (ratio, decay) = proposal.payload[0] if proposal.payload else state.control, signals[:2]
@@ -399,6 +399,13 @@ def _ab_body(z: Tensor, evals: Sequence[Tensor], weights, satol: float, srtol: f
     return z_new, ratio, spectral_moments((pairs + pairs)[:2])
 
 
+def _ab_accept(g, t: Tensor, z: Tensor, z_old: Tensor, g_old: Tensor, stop: StopInputs):
+    """VCAB3's accepted point ``z`` at time ``t[0]``: ``(g(z), the secant z - z_old, g(z) - g_old)``,
+    then the point's `stop_test` (with the check's ratios, read when due)."""
+    gz = g(t[0], z)
+    return (gz, z - z_old, gz - g_old) + stop_test(gz, z, stop, True)
+
+
 class VCAB3(_TimeStepper):
     """Variable-step Adams-Bashforth 3 with error control, integrated to steady state.
 
@@ -417,12 +424,12 @@ class VCAB3(_TimeStepper):
             accurate for nearby nodes; a larger jump extrapolates the history too far.
         stall_time: as for `ODESteadyStateSolver`. Default ``10.0``.
         compile: compile the steps that estimate eigenvalues (the combination, the error ratio
-            and the spectral moments, a few dozen small operations) once the history is full, as
-            for `ODESteadyStateSolver`. The other steps (about ten operations) and the evaluation
-            at an accepted point (one evaluation of ``g``) stay eager: a compiled call costs more
-            than they do, by itself and in its guards on the network's parameters
-            (``benchmarks/results/compiled_bodies.md``). Default ``False``, for the same reason
-            as there.
+            and the spectral moments, a few dozen small operations) once the history is full, and
+            each accepted point (its evaluation of ``g``, the secant and the point's stop test,
+            `stop_test`), as for `ODESteadyStateSolver`. The other steps (about ten operations)
+            stay eager: a compiled call costs more than they do, by itself and in its guards on
+            the network's parameters (``benchmarks/results/compiled_bodies.md``). Default
+            ``False``, for the same reason as there.
         **loop_options: ``stall_patience``, ``divergence_factor``, ``per_sample``: the solve
             loop's tests (`SteadyStateSolver`).
     """
@@ -439,6 +446,11 @@ class VCAB3(_TimeStepper):
         return State(z0, gz0, 0.0, memory=VCAB3Memory([gz0], []),
                      control=VCAB3Control(dt, (0.0,), self._control.start(), z0.shape[0]))
 
+    @property
+    def fuses_stop_test(self) -> bool:
+        """The compiled accept fuses the accepted point's stop test (`stop_test`) with its evaluation."""
+        return self.compile
+
     def _compiled_step(self, state: State, estimate: bool) -> bool:
         """Whether the compiled step runs: a step that estimates eigenvalues, with the history full
         (the start-up's two steps of lower order stay eager: two more compiles for two steps) and
@@ -446,7 +458,7 @@ class VCAB3(_TimeStepper):
         return (self.compile and estimate and len(state.memory.evals) == 3
                 and state.z.shape[0] == state.control.batch)
 
-    def propose(self, g, state, options):
+    def propose(self, g, state, options, stop: Optional[StopInputs] = None):
         evals, secants = state.memory
         control = state.control
         if len(evals) == 1:  # the Euler start: no error estimate yet, nothing for the host to read
@@ -464,7 +476,7 @@ class VCAB3(_TimeStepper):
             out = _ab_body(state.z, evals, weights, satol, srtol, secants, estimate)
         return Proposal(out[0], None, state.t + control.dt, signals=out[1:])
 
-    def decide(self, g, state, proposal, signals, options):
+    def decide(self, g, state, proposal, signals, options, stop: Optional[StopInputs] = None):
         evals, secants = state.memory
         control = state.control
         stability = self._control.refresh(control.stability, signals[1:])
@@ -475,8 +487,15 @@ class VCAB3(_TimeStepper):
             next_dt = self._control.next_step(control.dt, ratio, stability.limit, order=len(evals))
         if not ratio <= 1:
             return State(state.z, state.gz, state.t, state.memory, control._replace(dt=next_dt, stability=stability)), False
-        gz = g(proposal.t, proposal.z)
-        dz, dg = proposal.z - state.z, gz - evals[0]
+        tested = ()
+        if self.compile and stop is not None and state.z.shape[0] == control.batch:
+            out = self._compiled("accept", _ab_accept)(
+                (stop.options.atol, stop.options.rtol), g, self._numbers(proposal.z, proposal.t), proposal.z,
+                state.z, evals[0], stop, evaluations=(g, 1))
+            (gz, dz, dg), tested = out[:3], out[3:]
+        else:  # eager: the loop tests the accepted point
+            gz = g(proposal.t, proposal.z)
+            dz, dg = proposal.z - state.z, gz - evals[0]
         memory = VCAB3Memory([gz] + evals[:2], [(dz, dg)] + secants[:1])
         control = VCAB3Control(next_dt, (proposal.t,) + control.times[:2], stability, control.batch)
-        return State(proposal.z, gz, proposal.t, memory, control), True
+        return State(proposal.z, gz, proposal.t, memory, control, tested), True
