@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import torchdyn_deq as td
 from benchmarks.harness import RESULTS, command_line, header, machine, markdown_table, median, size, uncounted, \
     write_results
-from benchmarks.overhead import TOL, network_costs, per_round_median
+from benchmarks.overhead import TOL, network_costs, per_round_median, timed_median
 from torchdyn_deq.experiments.mnist import InjectedLayer
 
 SOLVERS = ("tsit5", "vcab3", "anderson", "broyden")
@@ -83,16 +83,6 @@ def _vjp_ops(f, x, network_file: str) -> Dict[str, int]:
     return {"vjp_z": sum(vjp_z.values()), "vjp_full": sum(full.values())}
 
 
-def _timed_add(x: torch.Tensor, repeats: int) -> float:
-    """Median seconds of one small elementwise operation (``x + x``): the dispatch cost alone."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x + x
-        times.append(time.perf_counter() - start)
-    return median(times)
-
-
 def measure(batch: int, width: int, repeats: int, seed: int = 0) -> List[dict]:
     torch.manual_seed(seed)
     f = uncounted(InjectedLayer(width))
@@ -108,7 +98,7 @@ def measure(batch: int, width: int, repeats: int, seed: int = 0) -> List[dict]:
     rounds, adds = [], []
     for _ in range(repeats):  # interleaved, the network's costs too: a change of machine speed affects all alike
         rounds.append(network_costs(f, x, 20))
-        adds.append(_timed_add(x, 200))
+        adds.append(timed_median(lambda: x + x, 200))  # one small operation's dispatch alone
         for name, model in models.items():
             with torch.no_grad():
                 start = time.perf_counter()

@@ -37,7 +37,8 @@ COMPILED = ("tsit5", "dopri5", "vcab3")  # the solvers with a compiled step
 TOL = 5e-3  # the MNIST experiment's forward tolerance
 
 
-def _timed(fn, repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
+def timed_median(fn, repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median seconds of `repeats` calls of `fn` on `clock`."""
     times = []
     for _ in range(repeats):
         start = clock()
@@ -54,16 +55,16 @@ def network_costs(f: InjectedLayer, x: torch.Tensor, repeats: int,
     z = torch.randn_like(x)
     v = torch.randn_like(x)
     with torch.no_grad():
-        g_eval = _timed(lambda: f(z, x) - z, repeats, clock)
+        g_eval = timed_median(lambda: f(z, x) - z, repeats, clock)
     zl = z.clone().requires_grad_()
     gz = f(zl, x) - zl
-    vjp_z = _timed(lambda: torch.autograd.grad(gz, zl, v, retain_graph=True), repeats, clock)
+    vjp_z = timed_median(lambda: torch.autograd.grad(gz, zl, v, retain_graph=True), repeats, clock)
     xg = x.clone().requires_grad_()
     inputs = [zl, xg, *f.parameters()]
 
     def full():
         torch.autograd.grad(f(zl, xg) - zl, inputs, v)
-    return {"g_eval": g_eval, "vjp_z": vjp_z, "vjp_full": _timed(full, repeats, clock)}
+    return {"g_eval": g_eval, "vjp_z": vjp_z, "vjp_full": timed_median(full, repeats, clock)}
 
 
 def per_round_median(rounds: Sequence[Dict[str, float]]) -> Dict[str, float]:

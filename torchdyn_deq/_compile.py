@@ -17,6 +17,7 @@ every output would need a copy; untested without a GPU, left for a machine with 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from typing import Callable, Dict, Hashable, Optional, Tuple
 
@@ -63,6 +64,10 @@ def _key(x) -> Hashable:
         return (tuple(x.shape), x.dtype, x.device, x.requires_grad)
     if isinstance(x, (tuple, list)):
         return tuple(_key(y) for y in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        # its fields' values, as the graph reads them (the loop's SolveOptions: the stop test's tolerances
+        # are constants of a compiled step that fuses it)
+        return (type(x),) + tuple(_key(getattr(x, f.name)) for f in dataclasses.fields(x))
     return x if isinstance(x, (bool, int, float, str, type(None))) else type(x)
 
 

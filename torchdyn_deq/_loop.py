@@ -556,10 +556,7 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
             if result is None:
                 result = Result.budget if options.budget else Result.diverged if track.running_away else Result.max_steps
             break
-        if solver.fuses_stop_test and track.rows is None:
-            proposal = solver.propose(count, state, options, stop=track.stop_inputs())
-        else:
-            proposal = solver.propose(count, state, options)
+        proposal = solver.propose(count, state, options, **_fused(solver, track))
         if proposal.tested:
             cand = track.measured(proposal.z, proposal.tested, track.check_due)
         else:
@@ -574,10 +571,8 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
                 break
             if per_sample:
                 state, proposal = _drop_converged(state, proposal, track, count, measured.residual)
-        if solver.fuses_stop_test and track.rows is None:  # the inputs as they are now, after the pending commit
-            new, ok = solver.decide(count, state, proposal, signals, options, stop=track.stop_inputs())
-        else:
-            new, ok = solver.decide(count, state, proposal, signals, options)
+        # the stop inputs as they are after the pending commit
+        new, ok = solver.decide(count, state, proposal, signals, options, **_fused(solver, track))
         if not ok:
             state, rejected = new, rejected + 1
             bad = bad + 1 if (cand and not math.isfinite(cand_host[0])) or not all(map(math.isfinite, signals)) else 0
@@ -601,6 +596,12 @@ def steady_state_solve(g: VectorField, z0: Tensor, solver: SteadyStateSolver, op
     message = _message(result, solver, options, state.t, iterations, track.nfe_start + count.nfe - start,
                        track.best_res, track.stall, drift, moving)
     return track.finish(z0, state.t, iterations, count.nfe - start, accepted, rejected, result, message)
+
+
+def _fused(solver: SteadyStateSolver, track: _Tracker) -> dict:
+    """``propose`` / ``decide``'s ``stop`` keyword for a solver that fuses the stop test: its inputs as
+    they are now (for the whole batch only; none for any other solver)."""
+    return {"stop": track.stop_inputs()} if solver.fuses_stop_test and track.rows is None else {}
 
 
 def _pick(x, keep: Tensor):

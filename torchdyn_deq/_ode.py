@@ -18,7 +18,7 @@ from torchdyn.numerics.solvers.ode import SOLVER_DICT, str_to_solver
 
 from ._checks import boolean, float_in, positive_float
 from ._compile import CompiledStep
-from ._loop import Proposal, State, SteadyStateSolver, StopInputs, _wide, stop_test
+from ._loop import Proposal, State, SteadyStateSolver, StopInputs, _rows, _wide, stop_test
 from ._solution import SolveOptions
 from ._step_control import (Stability, StabilityRegion, StepController, error_ratio, first_step, linear_coefficients,
                             spectral_moments, start_ratio)
@@ -97,8 +97,7 @@ def rk_step(g, tableau: Tableau, z: Tensor, k1: Tensor, t, dt):
 
 def _flat(x: Tensor) -> Tensor:
     """``x`` as ``(batch, n)``, in at least float32 (a flat state as it is: no operation)."""
-    x = _wide(x)
-    return x if x.dim() == 2 else x.reshape(x.shape[0], -1)
+    return _rows(_wide(x))
 
 
 def _secant(a: Tensor, b: Tensor) -> Tensor:
@@ -311,10 +310,7 @@ class ODESteadyStateSolver(_TimeStepper):
         tested = ()
         if step is not None and state.z.shape[0] == control.batch:
             td = self._numbers(state.z, state.t, control.dt)
-            # the stop test's tolerances are constants of the graph: part of the variant (the step
-            # tolerances, floored at min_step_tol, need not tell two of them apart)
-            variant = estimate if stop is None else (estimate, stop.options.atol, stop.options.rtol)
-            out = step(variant, g, self._tableau, state.z, state.gz, td, satol, srtol, estimate, stop,
+            out = step(estimate, g, self._tableau, state.z, state.gz, td, satol, srtol, estimate, stop,
                        evaluations=(g, self._tableau.evaluations))
             out, tested = out[:4 + estimate], out[4 + estimate:]
         else:  # eager: the loop tests the new state
@@ -399,11 +395,17 @@ def _ab_body(z: Tensor, evals: Sequence[Tensor], weights, satol: float, srtol: f
     return z_new, ratio, spectral_moments((pairs + pairs)[:2])
 
 
+def _ab_point(g, t, z: Tensor, z_old: Tensor, g_old: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """VCAB3's accepted point ``z`` at time ``t``: ``(g(z), the secant z - z_old, g(z) - g_old)``."""
+    gz = g(t, z)
+    return gz, z - z_old, gz - g_old
+
+
 def _ab_accept(g, t: Tensor, z: Tensor, z_old: Tensor, g_old: Tensor, stop: StopInputs):
-    """VCAB3's accepted point ``z`` at time ``t[0]``: ``(g(z), the secant z - z_old, g(z) - g_old)``,
-    then the point's `stop_test` (with the check's ratios, read when due)."""
-    gz = g(t[0], z)
-    return (gz, z - z_old, gz - g_old) + stop_test(gz, z, stop, True)
+    """`_ab_point` at time ``t[0]`` (a tensor: the graph does not change with it), then the point's
+    `stop_test` (with the check's ratios, read when due): VCAB3's compiled accept."""
+    point = _ab_point(g, t[0], z, z_old, g_old)
+    return point + stop_test(point[0], z, stop, True)
 
 
 class VCAB3(_TimeStepper):
@@ -490,12 +492,11 @@ class VCAB3(_TimeStepper):
         tested = ()
         if self.compile and stop is not None and state.z.shape[0] == control.batch:
             out = self._compiled("accept", _ab_accept)(
-                (stop.options.atol, stop.options.rtol), g, self._numbers(proposal.z, proposal.t), proposal.z,
-                state.z, evals[0], stop, evaluations=(g, 1))
+                None, g, self._numbers(proposal.z, proposal.t), proposal.z, state.z, evals[0], stop,
+                evaluations=(g, 1))
             (gz, dz, dg), tested = out[:3], out[3:]
         else:  # eager: the loop tests the accepted point
-            gz = g(proposal.t, proposal.z)
-            dz, dg = proposal.z - state.z, gz - evals[0]
+            gz, dz, dg = _ab_point(g, proposal.t, proposal.z, state.z, evals[0])
         memory = VCAB3Memory([gz] + evals[:2], [(dz, dg)] + secants[:1])
         control = VCAB3Control(next_dt, (proposal.t,) + control.times[:2], stability, control.batch)
         return State(proposal.z, gz, proposal.t, memory, control, tested), True

@@ -11,11 +11,8 @@ import torch
 from torch import Tensor
 
 from ._checks import float_in, non_negative_float, positive_int
-from ._loop import Proposal, State, SteadyStateSolver
+from ._loop import Proposal, State, SteadyStateSolver, _rows as _flat
 
-
-def _flat(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1)
 
 
 class RootSolver(SteadyStateSolver):
